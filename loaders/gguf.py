@@ -1,0 +1,138 @@
+"""GGUF loader: llama-family GGUF files -> `Checkpoint` with weights kept in packed form.
+
+Tensor names are mapped to HF's. llama.cpp's converter permutes the rows of attn_q/attn_k so that
+rotary pairs are adjacent (its interleaved RoPE); we permute them back (a row permutation, exact on
+packed data) and use HF's rotate-half RoPE for every format.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+from lowbit.runtime.config import ModelConfig, RopeScaling
+from lowbit.runtime.quant import WeightLike
+
+from .base import Checkpoint, LazyWeights
+from .gguf_blocks import decode_tensor
+from .gguf_file import GGUFFile, read_gguf
+from .tokenizer import tokenizer_from_gguf
+
+ARCHITECTURES = ("llama", "mistral")
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "rope_freqs.weight": "rope_freqs",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+
+
+def hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    match = _LAYER_RE.fullmatch(gguf_name)
+    if match and match.group(2) in _LAYER_NAMES:
+        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.weight"
+    return None
+
+
+def rotary_unpermutation(num_heads: int, head_dim: int) -> torch.Tensor:
+    """Index i such that hf_rows = gguf_rows[i]. llama.cpp stores the row of HF's (head h, half j,
+    pair i) at (h, i, j)."""
+    half = head_dim // 2
+    h, j, i = torch.meshgrid(torch.arange(num_heads), torch.arange(2), torch.arange(half), indexing="ij")
+    return (h * head_dim + i * 2 + j).flatten()
+
+
+def _get(meta: dict, arch: str, key: str, default=None, *, path: str):
+    value = meta.get(f"{arch}.{key}", default)
+    if value is None:
+        raise ValueError(f"{path}: GGUF metadata lacks {arch}.{key}")
+    return value
+
+
+def model_config(gguf: GGUFFile) -> ModelConfig:
+    meta, path = gguf.metadata, str(gguf.path)
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {ARCHITECTURES})")
+    hidden = _get(meta, arch, "embedding_length", path=path)
+    heads = _get(meta, arch, "attention.head_count", path=path)
+    head_dim = meta.get(f"{arch}.attention.key_length", hidden // heads)
+    scaling = RopeScaling()
+    if meta.get(f"{arch}.rope.scaling.type", "none") == "linear":
+        scaling = RopeScaling("linear", float(meta[f"{arch}.rope.scaling.factor"]))
+    elif meta.get(f"{arch}.rope.scaling.type", "none") not in ("none",):
+        raise ValueError(f"{path}: rope scaling {meta[f'{arch}.rope.scaling.type']!r} is not supported")
+    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
+    if not vocab:
+        raise ValueError(f"{path}: GGUF metadata gives no vocabulary size")
+    return ModelConfig(
+        architecture="llama",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=_get(meta, arch, "feed_forward_length", path=path),
+        num_layers=_get(meta, arch, "block_count", path=path),
+        num_heads=heads,
+        num_kv_heads=meta.get(f"{arch}.attention.head_count_kv", heads),
+        head_dim=head_dim,
+        rms_norm_eps=float(_get(meta, arch, "attention.layer_norm_rms_epsilon", 1e-5, path=path)),
+        rope_theta=float(_get(meta, arch, "rope.freq_base", 10000.0, path=path)),
+        max_position_embeddings=_get(meta, arch, "context_length", path=path),
+        tie_word_embeddings="output.weight" not in gguf.tensors,
+        rope_scaling=scaling,
+    )
+
+
+class _GGUFWeights:
+    """Decodes one tensor at a time from the memory map, fixing q/k row order on the way."""
+
+    def __init__(self, gguf: GGUFFile, config: ModelConfig):
+        self.gguf = gguf
+        self.by_hf = {hf_name(n): n for n in gguf.tensors if hf_name(n) is not None}
+        self.unpermute = {
+            "q_proj": rotary_unpermutation(config.num_heads, config.head_dim),
+            "k_proj": rotary_unpermutation(config.num_kv_heads, config.head_dim),
+        }
+
+    def __call__(self, name: str) -> WeightLike:
+        gguf_name = self.by_hf[name]
+        info = self.gguf.tensors[gguf_name]
+        try:
+            weight = decode_tensor(self.gguf.tensor_bytes(gguf_name), info.qtype, info.shape)
+        except ValueError as e:
+            raise ValueError(f"{self.gguf.path}: tensor {gguf_name!r}: {e}") from None
+        proj = name.split(".")[-2]
+        if proj in self.unpermute:
+            index = self.unpermute[proj]
+            dense = isinstance(weight, torch.Tensor)
+            rows = weight.shape[0] if dense else weight.out_features
+            if rows != len(index):
+                raise ValueError(
+                    f"{self.gguf.path}: tensor {gguf_name!r} has {rows} rows, the header implies {len(index)}"
+                )
+            weight = weight[index] if dense else weight.select_rows(index)
+        return weight
+
+
+def load_gguf(path: str | os.PathLike) -> Checkpoint:
+    gguf = read_gguf(path)
+    config = model_config(gguf)
+    fetch = _GGUFWeights(gguf, config)
+    tokenizer = tokenizer_from_gguf(gguf.metadata)
+    return Checkpoint(config, LazyWeights(list(fetch.by_hf), fetch), tokenizer, str(path))

@@ -1,0 +1,68 @@
+"""The `lowbit` command line. Heavy imports (torch, transformers) happen inside the commands so
+that `lowbit --help` stays instant."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    help="lowbit: serve and run quantized LLMs (GGUF, GPTQ, AWQ, ...) on CPU and GPU.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+ModelArg = Annotated[
+    str | None, typer.Argument(help="GGUF file or HF model directory; default: SmolLM2-135M-Instruct Q4_1")
+]
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log loading details.")] = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def chat(
+    model: ModelArg = None,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.7,
+    top_p: Annotated[float, typer.Option()] = 0.95,
+    top_k: Annotated[int, typer.Option(help="0 disables.")] = 0,
+    repetition_penalty: Annotated[float, typer.Option()] = 1.0,
+    max_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 1024,
+    seed: Annotated[int | None, typer.Option()] = None,
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on CPU), float32, float16, bfloat16.")] = "auto",
+    kv_cache_dtype: Annotated[str, typer.Option(help="auto or int8.")] = "auto",
+    quantization: Annotated[str | None, typer.Option(help="w4a16 or w8a16 on load (HF dirs).")] = None,
+) -> None:
+    """Chat with a model in the terminal, streaming its answers."""
+    from rich.console import Console
+
+    from lowbit.chat import run_chat
+    from lowbit.runtime.llm import LLM
+    from lowbit.runtime.sampling_params import SamplingParams
+
+    console = Console(highlight=False)
+    try:
+        params = SamplingParams(
+            temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+            max_tokens=max_tokens, seed=seed,
+        )  # fmt: skip
+        with console.status("loading model..."):
+            llm = LLM(model, dtype=dtype, kv_cache_dtype=kv_cache_dtype, quantization=quantization)
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    engine = llm.engine
+    console.print(
+        f"[bold]{engine.checkpoint_source}[/bold] · {engine.dtype} · KV {engine.kv_spec.dtype} · "
+        f"loaded in {engine.load_seconds:.1f} s"
+    )
+    run_chat(llm, params, system, console)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""The engine: config, scheduling, KV cache, model execution, sampling."""

@@ -1,0 +1,113 @@
+"""Configuration dataclasses: what the model is (`ModelConfig`) and how we run it (`EngineConfig`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """`"bfloat16"` -> `torch.bfloat16`, with a clear error for anything else."""
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}") from None
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling. `kind` is "default", "linear" or "llama3" (HF's names)."""
+
+    kind: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a Llama-family decoder, read from a GGUF header or a config.json."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to run a model. Every field has the default a user of `LLM()` gets.
+
+    dtype: compute dtype of activations. "auto" is bfloat16 on CPU (torch's packed int4/int8
+        CPU kernels are fast only with bf16 activations) and float16 on CUDA. "float32" is the
+        exact reference mode used by parity tests.
+    kv_cache_dtype: "auto" follows `dtype`; "int8" stores one scale per (token, head).
+    num_kv_blocks: pool size; None sizes it from `kv_cache_memory`.
+    kv_cache_memory: bytes for the KV pool when `num_kv_blocks` is None; None means a share of
+        the free memory (see `kv_cache.sizing`).
+    max_model_len: context length; None takes the model's own.
+    """
+
+    model: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    kv_cache_dtype: str = "auto"
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory: int | None = None
+    max_model_len: int | None = None
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 2048
+    quantization: str | None = None
+    num_threads: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto":
+            parse_dtype(self.dtype)
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolve_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype != "auto":
+            return parse_dtype(self.dtype)
+        return torch.bfloat16 if device.type == "cpu" else torch.float16

@@ -1,0 +1,203 @@
+"""The engine: requests in, incremental outputs out, one `step()` at a time.
+
+    add_request -> Scheduler.schedule() -> ModelRunner.run() -> sampled tokens -> stop checks,
+    detokenization -> RequestOutput deltas
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.loaders import load_checkpoint
+from lowbit.loaders.base import Checkpoint
+from lowbit.loaders.tokenizer import Tokenizer
+from lowbit.runtime.block_manager import BlockManager
+from lowbit.runtime.config import EngineConfig, ModelConfig
+from lowbit.runtime.detokenizer import Detokenizer
+from lowbit.runtime.kv_cache import KVCacheSpec, allocate_kv_cache, num_blocks_for
+from lowbit.runtime.model_runner import ModelRunner
+from lowbit.runtime.models import model_class
+from lowbit.runtime.outputs import CompletionOutput, RequestOutput
+from lowbit.runtime.sampler import SamplerOutput
+from lowbit.runtime.sampling_params import SamplingParams
+from lowbit.runtime.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from lowbit.runtime.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+
+
+def lm_head_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """bf16 logits are too coarse (spacing 0.125 at magnitude 20) and a bf16 vocab projection is
+    slow on CPU; fp16 is 2x faster there and 8x finer. Elsewhere the compute dtype is fine."""
+    return torch.float16 if device.type == "cpu" and dtype == torch.bfloat16 else dtype
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None):
+        from lowbit.default_model import default_model_path
+
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        started = time.perf_counter()
+        if checkpoint is None:
+            checkpoint = load_checkpoint(config.model or default_model_path(), config.quantization)
+        self.checkpoint_source = checkpoint.source
+        self.model_config: ModelConfig = checkpoint.config
+        self.tokenizer: Tokenizer = checkpoint.tokenizer
+        self.device = config.resolve_device()
+        self.dtype = config.resolve_dtype(self.device)
+        self.max_model_len = min(config.max_model_len or 1 << 62, self.model_config.max_position_embeddings)
+        self.model = model_class(self.model_config.architecture)(
+            self.model_config,
+            checkpoint.weights,
+            self.device,
+            self.dtype,
+            max_positions=self.max_model_len,
+            lm_head_dtype=lm_head_dtype(self.dtype, self.device),
+        )
+        self.kv_spec = self._kv_spec()
+        self.kv_caches = allocate_kv_cache(self.kv_spec, self.device)
+        self.block_manager = BlockManager(self.kv_spec.num_blocks, self.kv_spec.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
+            self.block_manager,
+        )
+        self.runner = ModelRunner(self.model, self.kv_caches, self.kv_spec.block_size, self.device, config.seed)
+        self.requests: dict[str, Request] = {}
+        self.load_seconds = time.perf_counter() - started
+        logger.info(
+            "loaded %s in %.1f s: %s on %s, KV cache %s x %d blocks of %d tokens",
+            checkpoint.source, self.load_seconds, self.dtype, self.device,
+            self.kv_spec.dtype, self.kv_spec.num_blocks, self.kv_spec.block_size,
+        )  # fmt: skip
+
+    def _kv_spec(self) -> KVCacheSpec:
+        c, m = self.config, self.model_config
+        dtype = c.kv_cache_dtype if c.kv_cache_dtype != "auto" else str(self.dtype).removeprefix("torch.")
+        spec = KVCacheSpec(dtype, c.block_size, 1, m.num_layers, m.num_kv_heads, m.head_dim)
+        blocks = c.num_kv_blocks or num_blocks_for(spec, c.kv_cache_memory, self.device)
+        return spec.with_num_blocks(blocks)
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None
+    ) -> None:
+        """Queue a request. Raises ValueError for anything that could never be served."""
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        max_tokens = self._validate(token_ids, params)
+        seqs = [
+            Sequence(request_id, i, token_ids, params, Detokenizer(self.tokenizer, params), max_tokens)
+            for i in range(params.n)
+        ]
+        self.requests[request_id] = Request(request_id, text, token_ids, seqs)
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> int:
+        """The request's effective max_tokens, or a ValueError saying why it cannot run."""
+        vocab = self.model_config.vocab_size
+        if not token_ids:
+            raise ValueError("prompt is empty")
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise ValueError(f"prompt has token ids outside the vocabulary of {vocab}")
+        params.check_vocab(vocab)
+        n, context = len(token_ids), self.max_model_len
+        if n >= context:
+            raise ValueError(f"prompt is {n} tokens, which leaves no room in the context length of {context}")
+        max_tokens = params.max_tokens if params.max_tokens is not None else context - n
+        if n + max_tokens > context:
+            raise ValueError(
+                f"prompt ({n} tokens) + max_tokens ({max_tokens}) = {n + max_tokens} exceeds the "
+                f"context length of {context}"
+            )
+        needed = self.block_manager.blocks_for(n + max_tokens)
+        if needed > self.kv_spec.num_blocks:
+            raise ValueError(
+                f"prompt + max_tokens needs {needed} KV blocks but the pool has {self.kv_spec.num_blocks}; "
+                "raise kv_cache_memory or num_kv_blocks"
+            )
+        return max_tokens
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its KV blocks; unknown or finished ids are ignored."""
+        request = self.requests.pop(request_id, None)
+        for seq in request.seqs if request else ():
+            if not seq.finished:
+                seq.finish("abort")
+                self.scheduler.finish(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------ stepping
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch and return an output for every request it advanced."""
+        batch = self.scheduler.schedule()
+        if batch.empty:
+            return []
+        sampled = self.runner.run(batch)
+        self._advance(batch, sampled)
+        touched = dict.fromkeys(s.seq.request_id for s in batch.scheduled if s.samples)
+        return [self._output(self.requests[r]) for r in touched]
+
+    def _advance(self, batch: SchedulerOutput, sampled: SamplerOutput) -> None:
+        samplers = [s.seq for s in batch.scheduled if s.samples]
+        for item in batch.scheduled:
+            item.seq.num_computed_tokens += item.num_tokens
+        for seq, token, logprob in zip(samplers, sampled.token_ids, sampled.logprobs, strict=True):
+            seq.append(token)
+            if seq.logprobs is not None:
+                seq.logprobs.append(logprob)
+            self._check_stop(seq, token)
+            if seq.finished:
+                self.scheduler.finish(seq)
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        params = seq.params
+        if token in params.stop_token_ids:
+            seq.finish("stop", token)
+        elif token in self.tokenizer.eos_token_ids and not params.ignore_eos:
+            seq.finish("stop", token)
+        else:
+            stop = seq.detokenizer.add(token)
+            if stop is not None:
+                seq.finish("stop", stop)
+        if not seq.finished and (len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len):
+            seq.finish("length")
+
+    def _output(self, request: Request) -> RequestOutput:
+        outputs = [
+            CompletionOutput(
+                index=seq.index,
+                text=seq.detokenizer.text,
+                token_ids=list(seq.output_token_ids),
+                finish_reason=seq.finish_reason,
+                delta_text=seq.detokenizer.delta(seq.finished),
+                delta_token_ids=seq.take_new_tokens(),
+                logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+                stop_reason=seq.stop_reason,
+            )
+            for seq in request.seqs
+        ]
+        if all(seq.finished for seq in request.seqs):
+            del self.requests[request.request_id]
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs)

@@ -1,0 +1,95 @@
+"""Self-attention over the paged KV cache, and the metadata the runner prepares for it per step."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lowbit.kernels.kv_store import kv_store_ref
+from lowbit.kernels.paged_attention import decode_attention_cpu, prefill_attention_cpu
+from lowbit.runtime.kv_cache import LayerKVCache
+from lowbit.runtime.quant import WeightLike
+
+from .linear import FusedLinear, Linear
+from .rotary import RotaryEmbedding
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionMetadata:
+    """Everything paging hands to attention for one step (built once, shared by all layers).
+
+    Sequences [0, num_prefills) may have several query tokens and run the prefill path; the rest
+    have exactly one query token each and run the batched decode path.
+    """
+
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token (-1: padding)
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    context_lens: torch.Tensor  # [B] int32: cached tokens per sequence after this step
+    query_start: tuple[int, ...]  # B + 1 host ints: sequence b owns tokens [qs[b], qs[b + 1])
+    context_lens_host: tuple[int, ...]  # context_lens on the host
+    num_prefills: int
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return self.query_start[self.num_prefills]
+
+
+def paged_attention(
+    q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """q [T, H, D] -> fp32 [T, H, D], dispatching prefill sequences and the decode batch."""
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    for b in range(meta.num_prefills):
+        start, end = meta.query_start[b], meta.query_start[b + 1]
+        out[start:end] = prefill_attention_cpu(
+            q[start:end], cache.k, cache.v, meta.block_tables[b], meta.context_lens_host[b],
+            scale, cache.k_scale, cache.v_scale,
+        )  # fmt: skip
+    first_decode = meta.num_prefill_tokens
+    if first_decode < q.shape[0]:
+        out[first_decode:] = decode_attention_cpu(
+            q[first_decode:], cache.k, cache.v, meta.block_tables[meta.num_prefills :],
+            meta.context_lens[meta.num_prefills :], scale, cache.k_scale, cache.v_scale,
+        )  # fmt: skip
+    return out
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        q: WeightLike,
+        k: WeightLike,
+        v: WeightLike,
+        o: WeightLike,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        rotary: RotaryEmbedding,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
+        super().__init__()
+        self.qkv = FusedLinear([q, k, v], device, dtype)
+        self.o_proj = Linear(o, device, dtype)
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = 1.0 / math.sqrt(head_dim)
+        self.rotary = rotary
+        self.dtype = dtype
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """positions [T]; x [T, hidden] -> [T, hidden] in the compute dtype."""
+        tokens = x.shape[0]
+        q, k, v = self.qkv(x)
+        q = self.rotary(positions, q.view(tokens, self.num_heads, self.head_dim))  # fp32
+        k = self.rotary(positions, k.view(tokens, self.num_kv_heads, self.head_dim))
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        kv_store_ref(k, v, cache.k, cache.v, meta.slot_mapping, cache.k_scale, cache.v_scale)
+        out = paged_attention(q, cache, meta, self.scale)  # [T, H, D] fp32
+        return self.o_proj(out.reshape(tokens, -1).to(self.dtype))

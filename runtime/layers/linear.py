@@ -1,0 +1,50 @@
+"""Linear layers over packed weights (any scheme, any kernel), and fused projections."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from lowbit.runtime.quant import QuantizedWeight, WeightLike, dense_weight, pack_linear
+
+
+def _as_quantized(weight: WeightLike) -> QuantizedWeight:
+    return dense_weight(weight) if isinstance(weight, torch.Tensor) else weight
+
+
+class Linear(nn.Module):
+    """y = x @ W.T through the kernel the weight's scheme chose at load. No bias (Llama has none)."""
+
+    def __init__(self, weight: WeightLike, device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        self.packed = pack_linear(weight, device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.packed(x)
+
+    def extra_repr(self) -> str:
+        p = self.packed
+        return f"in={p.in_features}, out={p.out_features}, {p.kernel.config.name} via {p.kernel.name}"
+
+
+class FusedLinear(nn.Module):
+    """Several projections of the same input (q/k/v, gate/up) in one kernel call when they share a
+    scheme; otherwise one call each. forward returns the outputs in the order given."""
+
+    def __init__(
+        self, weights: Sequence[WeightLike], device: torch.device, dtype: torch.dtype
+    ):
+        super().__init__()
+        parts = [_as_quantized(w) for w in weights]
+        self.sizes = [w.out_features for w in parts]
+        if all(w.config == parts[0].config for w in parts):
+            self.parts = nn.ModuleList([Linear(QuantizedWeight.concat_rows(parts), device, dtype)])
+        else:
+            self.parts = nn.ModuleList([Linear(w, device, dtype) for w in parts])
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if len(self.parts) == 1:
+            return list(self.parts[0](x).split(self.sizes, dim=-1))
+        return [part(x) for part in self.parts]

@@ -1,0 +1,64 @@
+"""Rotary position embedding, HF layout (rotate_half over two halves of each head).
+
+GGUF files store q/k rows permuted for llama.cpp's interleaved layout; the GGUF loader undoes that
+permutation, so one rotary layout serves every format.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lowbit.runtime.config import RopeScaling
+
+
+def inverse_frequencies(
+    head_dim: int, theta: float, scaling: RopeScaling, freq_factors: torch.Tensor | None = None
+) -> torch.Tensor:
+    """fp32 [head_dim / 2], with HF's "linear" and "llama3" scaling and GGUF's rope_freqs factors."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    if freq_factors is not None:
+        inv_freq = inv_freq / freq_factors.float()
+    if scaling.kind == "default":
+        return inv_freq
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    if scaling.kind == "llama3":
+        return _llama3_scaling(inv_freq, scaling)
+    raise ValueError(f"unsupported rope scaling {scaling.kind!r} (supported: default, linear, llama3)")
+
+
+def _llama3_scaling(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    """Llama 3.1's frequency-dependent scaling: long wavelengths divided by `factor`, short ones kept,
+    smooth interpolation in between."""
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, inv_freq: torch.Tensor, max_positions: int, device: torch.device):
+        super().__init__()
+        positions = torch.arange(max_positions, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)  # [P, D/2]
+        # cos/sin for both halves at once: [P, D]
+        self.register_buffer("cos", torch.cat((freqs, freqs), dim=-1).cos().to(device), persistent=False)
+        self.register_buffer("sin", torch.cat((freqs, freqs), dim=-1).sin().to(device), persistent=False)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """positions [T]; x [T, heads, D] -> rotated fp32 [T, heads, D]."""
+        cos = self.cos[positions][:, None, :]  # [T, 1, D]
+        sin = self.sin[positions][:, None, :]
+        x = x.float()
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin

@@ -1,0 +1,126 @@
+"""Llama / Mistral-family decoder: GQA, RoPE, RMSNorm, SwiGLU, tied or untied embeddings.
+
+Weights come from a loader as a mapping from HF parameter names to dense tensors or
+`QuantizedWeight`s; each linear packs for its kernel at construction. `forward` takes flat tensors
+for the whole step (all sequences' tokens concatenated) and returns logits only for the rows in
+`logits_indices`, so the vocabulary projection runs once per sampled sequence, not per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.runtime.config import ModelConfig
+from lowbit.runtime.kv_cache import LayerKVCache
+from lowbit.runtime.layers.attention import Attention, AttentionMetadata
+from lowbit.runtime.layers.embedding import Embedding
+from lowbit.runtime.layers.linear import FusedLinear, Linear
+from lowbit.runtime.layers.norm import RMSNorm
+from lowbit.runtime.layers.rotary import RotaryEmbedding, inverse_frequencies
+from lowbit.runtime.quant import WeightLike
+
+
+class MLP(nn.Module):
+    def __init__(self, gate: WeightLike, up: WeightLike, down: WeightLike, device, dtype):
+        super().__init__()
+        self.gate_up = FusedLinear([gate, up], device, dtype)
+        self.down_proj = Linear(down, device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, w: WeightGetter, i: int, rotary, device, dtype):
+        super().__init__()
+        p = f"model.layers.{i}."
+        self.input_layernorm = RMSNorm(w(p + "input_layernorm.weight"), config.rms_norm_eps, device, dtype)
+        self.self_attn = Attention(
+            w(p + "self_attn.q_proj.weight"),
+            w(p + "self_attn.k_proj.weight"),
+            w(p + "self_attn.v_proj.weight"),
+            w(p + "self_attn.o_proj.weight"),
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+            rotary,
+            device,
+            dtype,
+        )
+        self.post_attention_layernorm = RMSNorm(
+            w(p + "post_attention_layernorm.weight"), config.rms_norm_eps, device, dtype
+        )
+        self.mlp = MLP(
+            w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight"), w(p + "mlp.down_proj.weight"), device, dtype
+        )
+
+    def forward(self, positions, hidden, residual, cache: LayerKVCache, meta: AttentionMetadata):
+        x, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, x, cache, meta)
+        x, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(x), residual
+
+
+class WeightGetter:
+    """Fetches each weight once from the loader's (lazy) mapping, with a clear error if missing."""
+
+    def __init__(self, weights: Mapping[str, WeightLike]):
+        self.weights = weights
+
+    def __call__(self, name: str) -> WeightLike:
+        try:
+            return self.weights[name]
+        except KeyError:
+            raise ValueError(f"checkpoint is missing weight {name!r}") from None
+
+    def get(self, name: str) -> WeightLike | None:
+        return self.weights.get(name)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: Mapping[str, WeightLike],
+        device: torch.device,
+        dtype: torch.dtype,
+        max_positions: int,
+        lm_head_dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        w = WeightGetter(weights)
+        self.config = config
+        self.dtype = dtype
+        embed = w("model.embed_tokens.weight")
+        self.embed_tokens = Embedding(embed, device)
+        inv_freq = inverse_frequencies(
+            config.head_dim, config.rope_theta, config.rope_scaling, w.get("rope_freqs")
+        )
+        rotary = RotaryEmbedding(inv_freq, max_positions, device)
+        self.layers = nn.ModuleList(
+            [DecoderLayer(config, w, i, rotary, device, dtype) for i in range(config.num_layers)]
+        )
+        self.norm = RMSNorm(w("model.norm.weight"), config.rms_norm_eps, device, lm_head_dtype or dtype)
+        head = embed if config.tie_word_embeddings else w("lm_head.weight")
+        self.lm_head = Linear(head, device, lm_head_dtype or dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[LayerKVCache],
+        meta: AttentionMetadata,
+        logits_indices: torch.Tensor,
+    ) -> torch.Tensor:
+        """input_ids, positions [T]; logits_indices [S] -> fp32 logits [S, vocab]."""
+        hidden = self.embed_tokens(input_ids)  # fp32 [T, hidden]
+        residual = None
+        for layer, cache in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(positions, hidden, residual, cache, meta)
+        x, _ = self.norm(hidden[logits_indices], residual[logits_indices])
+        return self.lm_head(x).float()

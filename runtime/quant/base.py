@@ -1,0 +1,176 @@
+"""The quantization interfaces: a scheme says what is stored, a kernel says how it is computed.
+
+- `QuantConfig`: one frozen dataclass per scheme (dense, W4A16, W8A16, ...).
+- `QuantizedWeight`: a linear weight in the scheme's canonical layout, as loaders produce it.
+  The layouts are documented at the top of each `kernels/<scheme>_matmul.py`.
+- `LinearKernel`: one way to compute a scheme on a device. `can_implement` says whether it can;
+  `pack` turns the canonical tensors into the layout it wants, once, at load.
+- `QuantLinearMethod`: per scheme. `create_weights` names the canonical tensors and their shapes,
+  `load` validates a `QuantizedWeight` and packs it for the best kernel, `apply` runs it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Base of all scheme configs. `name` is the scheme's user-facing name."""
+
+    name: ClassVar[str] = "base"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype a canonical tensor must have."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedWeight:
+    """A linear weight [out_features, in_features] in the canonical layout of `config`'s scheme.
+
+    Every canonical tensor is row-major over output features, so selecting or concatenating
+    output rows is exact on packed data (used to undo GGUF's q/k permutation and to fuse q/k/v).
+    """
+
+    config: QuantConfig
+    out_features: int
+    in_features: int
+    tensors: Mapping[str, torch.Tensor]
+
+    def select_rows(self, index: torch.Tensor) -> QuantizedWeight:
+        tensors = {name: t[index].contiguous() for name, t in self.tensors.items()}
+        return QuantizedWeight(self.config, len(index), self.in_features, tensors)
+
+    @staticmethod
+    def concat_rows(weights: Sequence[QuantizedWeight]) -> QuantizedWeight:
+        first = weights[0]
+        if any(w.config != first.config or w.in_features != first.in_features for w in weights):
+            raise ValueError("only weights with the same scheme and in_features can be fused")
+        tensors = {name: torch.cat([w.tensors[name] for w in weights]) for name in first.tensors}
+        return QuantizedWeight(first.config, sum(w.out_features for w in weights), first.in_features, tensors)
+
+
+class LinearKernel(ABC):
+    """One way of computing `x @ W.T` for one scheme on one kind of device."""
+
+    name: ClassVar[str]
+
+    def __init__(self, method: QuantLinearMethod, device: torch.device, dtype: torch.dtype) -> None:
+        self.method = method
+        self.config = method.config
+        self.device = device
+        self.dtype = dtype
+
+    @classmethod
+    @abstractmethod
+    def can_implement(
+        cls, config: QuantConfig, out_features: int, in_features: int, device: torch.device, dtype: torch.dtype
+    ) -> str | None:
+        """None if this kernel can run the weight, else a short reason why not."""
+
+    @abstractmethod
+    def pack(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Canonical tensors -> the tensors `apply` reads, on `self.device`."""
+
+    @abstractmethod
+    def apply(self, x: torch.Tensor, packed: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """x [..., in_features] in `self.dtype` -> [..., out_features] in `self.dtype`."""
+
+
+class DequantizedKernel(LinearKernel):
+    """Any scheme on any device: dequantize once at load, then a dense matmul.
+
+    The fallback when no packed kernel fits (e.g. block-scaled int8 on CPU, where torch only has a
+    per-channel int8 kernel). Costs dense memory for that weight; nothing is dequantized per call.
+    """
+
+    name = "dequantized"
+
+    @classmethod
+    def can_implement(cls, config, out_features, in_features, device, dtype) -> str | None:
+        return None
+
+    def pack(self, tensors):
+        weight = self.method.dequantize(tensors)  # fp32 [N, K]
+        return {"weight": weight.to(device=self.device, dtype=self.dtype)}
+
+    def apply(self, x, packed):
+        return torch.nn.functional.linear(x, packed["weight"])
+
+
+@dataclass(frozen=True, eq=False)
+class PackedLinear:
+    """A weight packed for its kernel; what a linear layer holds."""
+
+    kernel: LinearKernel
+    tensors: dict[str, torch.Tensor]
+    out_features: int
+    in_features: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel.apply(x, self.tensors)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+class QuantLinearMethod(ABC):
+    """Per scheme: the canonical tensors it stores, and the kernels that can compute it."""
+
+    kernels: ClassVar[tuple[type[LinearKernel], ...]]
+
+    def __init__(self, config: QuantConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def create_weights(self, in_features: int, out_features: int) -> dict[str, TensorSpec]:
+        """The canonical tensors a loader must provide for a weight of this shape."""
+
+    @abstractmethod
+    def dequantize(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """fp32 [out, in]: the reference meaning of the canonical tensors."""
+
+    def select_kernel(
+        self, out_features: int, in_features: int, device: torch.device, dtype: torch.dtype
+    ) -> LinearKernel:
+        reasons = []
+        for kernel_cls in self.kernels:
+            reason = kernel_cls.can_implement(self.config, out_features, in_features, device, dtype)
+            if reason is None:
+                return kernel_cls(self, device, dtype)
+            reasons.append(f"{kernel_cls.name}: {reason}")
+        raise ValueError(f"no kernel for {self.config} on {device} in {dtype}: " + "; ".join(reasons))
+
+    def load(self, weight: QuantizedWeight, device: torch.device, dtype: torch.dtype) -> PackedLinear:
+        self.check(weight)
+        kernel = self.select_kernel(weight.out_features, weight.in_features, device, dtype)
+        return PackedLinear(kernel, kernel.pack(weight.tensors), weight.out_features, weight.in_features)
+
+    def apply(self, x: torch.Tensor, packed: PackedLinear) -> torch.Tensor:
+        return packed.kernel.apply(x, packed.tensors)
+
+    def check(self, weight: QuantizedWeight) -> None:
+        """Raise ValueError unless `weight` has exactly the canonical tensors for its shape."""
+        expected = self.create_weights(weight.in_features, weight.out_features)
+        if set(expected) != set(weight.tensors):
+            raise ValueError(
+                f"{self.config.name} weight needs tensors {sorted(expected)}, got {sorted(weight.tensors)}"
+            )
+        for name, spec in expected.items():
+            tensor = weight.tensors[name]
+            if tuple(tensor.shape) != spec.shape:
+                raise ValueError(
+                    f"{self.config.name} tensor {name!r}: expected shape {spec.shape}, got {tuple(tensor.shape)}"
+                )
+            if tensor.dtype != spec.dtype and not (spec.dtype.is_floating_point and tensor.dtype.is_floating_point):
+                raise ValueError(f"{self.config.name} tensor {name!r}: expected {spec.dtype}, got {tensor.dtype}")

@@ -1,0 +1,68 @@
+"""W4A16: group-wise asymmetric int4 weights, 16-bit activations. Layout: kernels/w4a16_matmul.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.kernels import w4a16_matmul as k4
+
+from .base import DequantizedKernel, LinearKernel, QuantConfig, QuantLinearMethod, TensorSpec
+
+
+@dataclass(frozen=True)
+class W4A16Config(QuantConfig):
+    """group_size: input features sharing one scale and min (32 for GGUF Q4_0/Q4_1)."""
+
+    group_size: int = 128
+    name = "w4a16"
+
+    def __post_init__(self) -> None:
+        if self.group_size < 2 or self.group_size % 2:
+            raise ValueError(f"w4a16 group_size must be an even number >= 2, got {self.group_size}")
+
+
+class CpuInt4PackKernel(LinearKernel):
+    """torch's tinygemm int4 CPU kernel (fast with bf16 activations)."""
+
+    name = "cpu-int4pack"
+
+    @classmethod
+    def can_implement(cls, config, out_features, in_features, device, dtype):
+        if device.type != "cpu":
+            return "CPU only"
+        if dtype != torch.bfloat16:
+            # Measured (torch 2.13, 1536x576): fp32 808 us at M=1 and 30 ms at M=37, against 107 us
+            # and 485 us for a dense fp32 matmul of the dequantized weight.
+            return "fast only with bf16 activations"
+        return k4.cpu_int4pack_supports(out_features, in_features, config.group_size)
+
+    def pack(self, tensors):
+        packed, scales_and_zeros = k4.pack_w4a16_cpu(
+            tensors["qweight"], tensors["scales"], tensors["mins"], self.dtype
+        )
+        return {"qweight": packed, "scales_and_zeros": scales_and_zeros}
+
+    def apply(self, x, packed):
+        return k4.w4a16_matmul_cpu(x, packed["qweight"], packed["scales_and_zeros"], self.config.group_size)
+
+
+class W4A16Method(QuantLinearMethod):
+    kernels = (CpuInt4PackKernel, DequantizedKernel)
+
+    def create_weights(self, in_features, out_features):
+        group = self.config.group_size
+        if in_features % group:
+            raise ValueError(f"w4a16: in_features {in_features} is not a multiple of group size {group}")
+        groups = in_features // group
+        return {
+            "qweight": TensorSpec((out_features, in_features // 2), torch.uint8),
+            "scales": TensorSpec((out_features, groups), torch.float32),
+            "mins": TensorSpec((out_features, groups), torch.float32),
+        }
+
+    def dequantize(self, tensors):
+        return k4.dequantize_w4a16_ref(
+            tensors["qweight"], tensors["scales"], tensors["mins"], self.config.group_size
+        )

@@ -1,0 +1,105 @@
+"""`SamplingParams`: how one request picks its tokens and when it stops. Validated on creation;
+every error is a ValueError that names the field."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+
+MAX_LOGPROBS = 20
+
+
+def _check(ok: bool, name: str, requirement: str, value: object) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {requirement}, got {value!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Same names and meanings as vLLM's and OpenAI's.
+
+    temperature 0 is greedy. top_k 0 (or -1) and top_p 1 and min_p 0 disable those filters.
+    repetition_penalty (HF/CTRL style, over prompt and output) divides positive logits and multiplies
+    negative ones; presence/frequency penalties (OpenAI style, over the output) subtract from logits.
+    max_tokens None means "until the context is full". logprobs k returns the chosen token's
+    log-probability and the k most likely alternatives, from the model's raw distribution.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: str | Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    logit_bias: Mapping[int, float] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        self._normalize()
+        self._validate()
+
+    def _normalize(self) -> None:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        if self.logit_bias is not None:
+            _check(isinstance(self.logit_bias, Mapping), "logit_bias", "a mapping of token id to bias", self.logit_bias)
+            bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            object.__setattr__(self, "logit_bias", MappingProxyType(bias))
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
+
+    def _validate(self) -> None:
+        _check(_is_int(self.n) and self.n >= 1, "n", "an integer >= 1", self.n)
+        _check(isinstance(self.temperature, (int, float)) and self.temperature >= 0, "temperature", ">= 0",
+               self.temperature)  # fmt: skip
+        _check(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
+        _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", "0 or -1 (disabled) or a positive integer",
+               self.top_k)  # fmt: skip
+        _check(isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1, "min_p", "in [0, 1]", self.min_p)
+        _check(isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0,
+               "repetition_penalty", "> 0", self.repetition_penalty)  # fmt: skip
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and -2 <= value <= 2, name, "in [-2, 2]", value)
+        _check(self.seed is None or _is_int(self.seed), "seed", "an integer or None", self.seed)
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings", self.stop)
+        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+               "non-negative integers", self.stop_token_ids)  # fmt: skip
+        _check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1), "max_tokens",
+               "an integer >= 1 or None", self.max_tokens)  # fmt: skip
+        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+               "logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None", self.logprobs)  # fmt: skip
+        if self.logit_bias is not None:
+            for token, bias in self.logit_bias.items():
+                _check(token >= 0, "logit_bias", "keyed by non-negative token ids", token)
+                _check(-100 <= bias <= 100, "logit_bias", "values in [-100, 100]", bias)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Token ids that the model cannot produce are a request error, not a crash at sampling."""
+        for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", self.logit_bias or {})):
+            bad = [t for t in ids if t >= vocab_size]
+            if bad:
+                raise ValueError(f"{name} has token ids outside the vocabulary of {vocab_size}: {bad[:5]}")
