@@ -25,6 +25,10 @@ class LazyWeights(Mapping[str, WeightLike]):
             raise KeyError(name)
         return self._fetch(name)
 
+    def __contains__(self, name: object) -> bool:
+        # Mapping's default would call __getitem__, decoding the whole tensor (or raising its error).
+        return name in self._index
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
 

@@ -24,7 +24,7 @@ from lowbit.runtime.models import model_class
 from lowbit.runtime.outputs import CompletionOutput, RequestOutput
 from lowbit.runtime.sampler import SamplerOutput
 from lowbit.runtime.sampling_params import SamplingParams
-from lowbit.runtime.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from lowbit.runtime.scheduler import ScheduledSequence, Scheduler, SchedulerConfig, SchedulerOutput
 from lowbit.runtime.sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -143,6 +143,21 @@ class Engine:
             if not seq.finished:
                 seq.finish("abort")
                 self.scheduler.finish(seq)
+
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """fp32 logits [T, vocab] at every position of `token_ids` (teacher forcing), through the
+        same paged cache as generation. Used for perplexity and parity checks."""
+        params = SamplingParams(max_tokens=1)
+        self._validate(token_ids, params)
+        seq = Sequence("score", 0, token_ids, params, Detokenizer(self.tokenizer, params), 1)
+        if not self.block_manager.can_grow(seq, len(token_ids)):
+            raise ValueError(f"not enough free KV blocks to score {len(token_ids)} tokens now")
+        self.block_manager.grow(seq, len(token_ids))
+        try:
+            batch = SchedulerOutput((ScheduledSequence.of(seq, len(token_ids)),), num_prefills=1)
+            return self.runner.compute_logits(batch, all_logits=True)
+        finally:
+            self.block_manager.free(seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -25,7 +25,11 @@ class ModelInputs:
     logits_indices: torch.Tensor  # [S] rows of the step whose next token is sampled
 
 
-def prepare_inputs(batch: SchedulerOutput, block_size: int, device: torch.device) -> ModelInputs:
+def prepare_inputs(
+    batch: SchedulerOutput, block_size: int, device: torch.device, all_logits: bool = False
+) -> ModelInputs:
+    """Flat step tensors. `all_logits` asks for logits at every position (scoring), not only at
+    the last token of the sequences that sample."""
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -40,7 +44,9 @@ def prepare_inputs(batch: SchedulerOutput, block_size: int, device: torch.device
         slots.extend(table[p // block_size] * block_size + p % block_size for p in span)
         query_start.append(query_start[-1] + item.num_tokens)
         context_lens.append(span.stop)
-        if item.samples:
+        if all_logits:
+            logits_indices.extend(range(query_start[-2], query_start[-1]))
+        elif item.samples:
             logits_indices.append(query_start[-1] - 1)
     width = max(len(item.seq.block_table) for item in batch.scheduled)
     tables = [item.seq.block_table + [0] * (width - len(item.seq.block_table)) for item in batch.scheduled]
@@ -70,9 +76,10 @@ class ModelRunner:
         self.sampler = Sampler(seed)
 
     @torch.inference_mode()
-    def compute_logits(self, batch: SchedulerOutput) -> torch.Tensor:
-        """fp32 [S, vocab] for the sequences of `batch` that reach their last token."""
-        inputs = prepare_inputs(batch, self.block_size, self.device)
+    def compute_logits(self, batch: SchedulerOutput, all_logits: bool = False) -> torch.Tensor:
+        """fp32 [S, vocab] for the sequences of `batch` that reach their last token (or for every
+        scheduled token with `all_logits`)."""
+        inputs = prepare_inputs(batch, self.block_size, self.device, all_logits)
         return self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, inputs.logits_indices)
 
     def run(self, batch: SchedulerOutput) -> SamplerOutput:

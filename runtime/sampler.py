@@ -107,7 +107,8 @@ class Sampler:
 
     def _sample(self, rows: Seq[SampleRequest], logits: torch.Tensor) -> torch.Tensor:
         temperature = torch.tensor([r.params.temperature for r in rows])
-        logits = logits / temperature[:, None]
+        # Shift the max to 0 first: a tiny temperature then sends the others to -inf, never to nan.
+        logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature[:, None]
         if any(r.params.top_k > 0 or r.params.top_p < 1 for r in rows):
             top_k = torch.tensor([r.params.top_k for r in rows])
             top_p = torch.tensor([r.params.top_p for r in rows])

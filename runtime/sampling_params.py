@@ -19,6 +19,13 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _as_tuple(value: object, name: str, requirement: str) -> tuple:
+    try:
+        return tuple(value or ())  # type: ignore[call-overload]
+    except TypeError:
+        raise ValueError(f"{name} must be {requirement}, got {value!r}") from None
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Same names and meanings as vLLM's and OpenAI's.
@@ -53,14 +60,19 @@ class SamplingParams:
         self._validate()
 
     def _normalize(self) -> None:
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        stop = (self.stop,) if isinstance(self.stop, str) else _as_tuple(self.stop, "stop", "strings")
         object.__setattr__(self, "stop", stop)
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        stop_token_ids = _as_tuple(self.stop_token_ids, "stop_token_ids", "a sequence of token ids")
+        object.__setattr__(self, "stop_token_ids", stop_token_ids)
         if self.logit_bias is not None:
             _check(isinstance(self.logit_bias, Mapping), "logit_bias", "a mapping of token id to bias", self.logit_bias)
-            bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            try:
+                bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError):
+                bias = None
+            _check(bias is not None, "logit_bias", "a mapping of integer token id to number", self.logit_bias)
             object.__setattr__(self, "logit_bias", MappingProxyType(bias))
-        if self.top_k == -1:
+        if _is_int(self.top_k) and self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
 
     def _validate(self) -> None:
