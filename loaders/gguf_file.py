@@ -177,7 +177,8 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         info = GGUFTensorInfo(name, shape, qtype, data_start + offset, rows * _row_bytes(info, path))
         if info.offset + info.nbytes > len(buffer):
             raise ValueError(
-                f"{path}: truncated GGUF: tensor {name!r} needs bytes {info.offset}..{info.offset + info.nbytes} "
+                f"{path}: truncated GGUF: tensor {name!r} needs bytes "
+                f"{info.offset}..{info.offset + info.nbytes} "
                 f"but the file is {len(buffer)} bytes"
             )
         if name in tensors:

@@ -12,7 +12,7 @@ from .safetensors_dir import load_safetensors_dir
 
 
 def detect(path: str | os.PathLike) -> str:
-    """"gguf" or "safetensors_dir", or a ValueError saying what the path is not."""
+    """ "gguf" or "safetensors_dir", or a ValueError saying what the path is not."""
     path = Path(path)
     if path.is_file():
         with open(path, "rb") as f:

@@ -59,11 +59,15 @@ class Tokenizer:
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(
+        self, messages: Sequence[Message], add_generation_prompt: bool = True
+    ) -> list[int]:
         """Token ids of a conversation rendered with the model's chat template."""
         if not self.hf.chat_template:
             raise ValueError("this model has no chat template; use generate() with a plain prompt")
-        text = self.hf.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = self.hf.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
         # The template writes BOS/role markers itself; adding special tokens again would double them.
         return self.encode(text, add_special_tokens=False)
 
@@ -85,7 +89,11 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any]) -> Tokenizer:
     if "tokenizer.ggml.tokens" not in metadata:
         raise ValueError("GGUF has no tokenizer (tokenizer.ggml.tokens is missing)")
     groups = {
-        group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in metadata}
+        group: {
+            name: metadata[f"tokenizer.{key}"]
+            for key, name in renames.items()
+            if f"tokenizer.{key}" in metadata
+        }
         for group, renames in GGUF_TOKENIZER_MAPPING.items()
     }
     tokenizer_dict, config = groups["tokenizer"], groups["tokenizer_config"]
@@ -93,7 +101,12 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any]) -> Tokenizer:
         # llama.cpp adds BOS to a sentencepiece vocabulary unless the file says otherwise.
         config.setdefault("add_bos_token", True)
     tokens = tokenizer_dict["tokens"]
-    for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")):
+    for name, key in (
+        ("bos_token", "bos"),
+        ("eos_token", "eos"),
+        ("unk_token", "unknown"),
+        ("pad_token", "padding"),
+    ):
         token_id = metadata.get(f"tokenizer.ggml.{key}_token_id")
         if token_id is not None and 0 <= token_id < len(tokens):
             config[name] = tokens[token_id]

@@ -1,8 +1,8 @@
 """lowbit: an inference runtime for quantized LLMs.
 
-    from lowbit import LLM, SamplingParams
-    llm = LLM()  # SmolLM2-135M-Instruct Q4_1 GGUF
-    print(llm.chat([{"role": "user", "content": "Hi!"}])[0].outputs[0].text)
+from lowbit import LLM, SamplingParams
+llm = LLM()  # SmolLM2-135M-Instruct Q4_1 GGUF
+print(llm.chat([{"role": "user", "content": "Hi!"}])[0].outputs[0].text)
 """
 
 from __future__ import annotations

@@ -31,9 +31,8 @@ class AnswerStats:
         decode_time = self.seconds - self.first_token_seconds
         rate = (self.tokens - 1) / decode_time if self.tokens > 1 and decode_time > 0 else 0.0
         note = " · interrupted" if self.interrupted else ""
-        return (
-            f"[{self.tokens} tokens · {rate:.1f} tok/s · first token {self.first_token_seconds * 1000:.0f} ms{note}]"
-        )
+        first_ms = self.first_token_seconds * 1000
+        return f"[{self.tokens} tokens · {rate:.1f} tok/s · first token {first_ms:.0f} ms{note}]"
 
 
 class _Interrupt:

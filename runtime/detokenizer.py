@@ -19,15 +19,27 @@ class Detokenizer:
         self.stops = params.stop
         self.keep_stop = params.include_stop_str_in_output
         self.longest_stop = max((len(s) for s in self.stops), default=0)
+        self.skip_special_tokens = params.skip_special_tokens
+        self.token_ids: list[int] = []
         self.text = ""
         self.emitted = 0
 
     def add(self, token_id: int) -> str | None:
         """Append a token's text; returns the stop string if the text now contains one (the text is
         then cut at it, or just after it with include_stop_str_in_output)."""
+        self.token_ids.append(token_id)
         piece = self.stream.step(self.tokenizer.backend, token_id)
-        if not piece:
+        return self._extend(piece) if piece else None
+
+    def flush(self) -> str | None:
+        """The sequence ended: bytes still held for an unfinished character are decoded as they
+        are (as a full decode would, with U+FFFD), so no complete character before them is lost."""
+        full = self.tokenizer.decode(self.token_ids, self.skip_special_tokens)
+        if not full.startswith(self.text) or len(full) == len(self.text):
             return None
+        return self._extend(full[len(self.text) :])
+
+    def _extend(self, piece: str) -> str | None:
         searched_from = max(0, len(self.text) - self.longest_stop + 1)
         self.text += piece
         return self._cut_at_stop(searched_from)

@@ -1,7 +1,7 @@
 """The engine: requests in, incremental outputs out, one `step()` at a time.
 
-    add_request -> Scheduler.schedule() -> ModelRunner.run() -> sampled tokens -> stop checks,
-    detokenization -> RequestOutput deltas
+add_request -> Scheduler.schedule() -> ModelRunner.run() -> sampled tokens -> stop checks,
+detokenization -> RequestOutput deltas
 """
 
 from __future__ import annotations
@@ -75,7 +75,9 @@ class Engine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
             self.block_manager,
         )
-        self.runner = ModelRunner(self.model, self.kv_caches, self.kv_spec.block_size, self.device, config.seed)
+        self.runner = ModelRunner(
+            self.model, self.kv_caches, self.kv_spec.block_size, self.device, config.seed
+        )
         self.requests: dict[str, Request] = {}
         self.load_seconds = time.perf_counter() - started
         logger.info(
@@ -188,16 +190,22 @@ class Engine:
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         params = seq.params
-        if token in params.stop_token_ids:
+        detokenizer = seq.detokenizer
+        if token in params.stop_token_ids or (
+            token in self.tokenizer.eos_token_ids and not params.ignore_eos
+        ):
+            detokenizer.flush()
             seq.finish("stop", token)
-        elif token in self.tokenizer.eos_token_ids and not params.ignore_eos:
-            seq.finish("stop", token)
-        else:
-            stop = seq.detokenizer.add(token)
-            if stop is not None:
-                seq.finish("stop", stop)
-        if not seq.finished and (len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len):
-            seq.finish("length")
+            return
+        stop = detokenizer.add(token)
+        if stop is None and (
+            len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len
+        ):
+            stop = detokenizer.flush()
+            if stop is None:
+                seq.finish("length")
+        if stop is not None:
+            seq.finish("stop", stop)
 
     def _output(self, request: Request) -> RequestOutput:
         outputs = [

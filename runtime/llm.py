@@ -57,7 +57,9 @@ class LLM:
         prompts = [self.tokenizer.apply_chat_template(c) for c in conversations]
         return self.generate(prompts, sampling_params)
 
-    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+    def stream(
+        self, prompt: Prompt, sampling_params: SamplingParams | None = None
+    ) -> Iterator[RequestOutput]:
         """Yield the request's output after every step that advanced it; closing the iterator
         early aborts the request and frees its KV blocks."""
         request_id = self._add(prompt, sampling_params or SamplingParams())

@@ -13,7 +13,7 @@ from torch import nn
 
 from lowbit.runtime.kv_cache import LayerKVCache
 from lowbit.runtime.layers.attention import AttentionMetadata
-from lowbit.runtime.sampler import SampleRequest, Sampler, SamplerOutput
+from lowbit.runtime.sampler import Sampler, SampleRequest, SamplerOutput
 from lowbit.runtime.scheduler import SchedulerOutput
 
 
@@ -67,7 +67,12 @@ def prepare_inputs(
 
 class ModelRunner:
     def __init__(
-        self, model: nn.Module, kv_caches: list[LayerKVCache], block_size: int, device: torch.device, seed: int
+        self,
+        model: nn.Module,
+        kv_caches: list[LayerKVCache],
+        block_size: int,
+        device: torch.device,
+        seed: int,
     ):
         self.model = model
         self.kv_caches = kv_caches
@@ -80,8 +85,11 @@ class ModelRunner:
         """fp32 [S, vocab] for the sequences of `batch` that reach their last token (or for every
         scheduled token with `all_logits`)."""
         inputs = prepare_inputs(batch, self.block_size, self.device, all_logits)
-        return self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, inputs.logits_indices)
+        return self.model(
+            inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, inputs.logits_indices
+        )
 
+    @torch.inference_mode()
     def run(self, batch: SchedulerOutput) -> SamplerOutput:
         """One step: forward for every scheduled token, then one sample per sequence that samples."""
         logits = self.compute_logits(batch)

@@ -52,7 +52,9 @@ def apply_penalties(logits: torch.Tensor, rows: Seq[SampleRequest]) -> None:
             seen = torch.tensor(list(row.prompt_token_ids) + list(row.output_token_ids), dtype=torch.long)
             seen = seen.unique().to(logits.device)
             values = logits[i, seen]
-            logits[i, seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+            logits[i, seen] = torch.where(
+                values > 0, values / p.repetition_penalty, values * p.repetition_penalty
+            )
         if (p.presence_penalty or p.frequency_penalty) and row.output_token_ids:
             counts = torch.bincount(torch.tensor(list(row.output_token_ids)), minlength=vocab)[:vocab]
             counts = counts.to(logits.device, logits.dtype)
@@ -95,7 +97,9 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: Seq[SampleRequest]) -> SamplerOutput:
         """logits fp32 [R, V] (consumed) -> one token per row."""
         logits = logits.float().cpu()
-        raw_logprobs = logits.log_softmax(dim=-1) if any(r.params.logprobs is not None for r in rows) else None
+        raw_logprobs = (
+            logits.log_softmax(dim=-1) if any(r.params.logprobs is not None for r in rows) else None
+        )
         apply_logit_bias(logits, rows)
         apply_penalties(logits, rows)
         tokens = logits.argmax(dim=-1)

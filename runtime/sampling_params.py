@@ -26,6 +26,15 @@ def _as_tuple(value: object, name: str, requirement: str) -> tuple:
         raise ValueError(f"{name} must be {requirement}, got {value!r}") from None
 
 
+def _token_id(key: object) -> int:
+    """logit_bias keys: ints, or the decimal strings OpenAI's JSON uses. 1.7 is not a token."""
+    if _is_int(key):
+        return key
+    if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+        return int(key)
+    raise ValueError(key)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Same names and meanings as vLLM's and OpenAI's.
@@ -65,9 +74,14 @@ class SamplingParams:
         stop_token_ids = _as_tuple(self.stop_token_ids, "stop_token_ids", "a sequence of token ids")
         object.__setattr__(self, "stop_token_ids", stop_token_ids)
         if self.logit_bias is not None:
-            _check(isinstance(self.logit_bias, Mapping), "logit_bias", "a mapping of token id to bias", self.logit_bias)
+            _check(
+                isinstance(self.logit_bias, Mapping),
+                "logit_bias",
+                "a mapping of token id to bias",
+                self.logit_bias,
+            )
             try:
-                bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+                bias = {_token_id(k): float(v) for k, v in self.logit_bias.items()}
             except (TypeError, ValueError):
                 bias = None
             _check(bias is not None, "logit_bias", "a mapping of integer token id to number", self.logit_bias)
@@ -82,7 +96,9 @@ class SamplingParams:
         _check(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
         _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", "0 or -1 (disabled) or a positive integer",
                self.top_k)  # fmt: skip
-        _check(isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1, "min_p", "in [0, 1]", self.min_p)
+        _check(
+            isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1, "min_p", "in [0, 1]", self.min_p
+        )
         _check(isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0,
                "repetition_penalty", "> 0", self.repetition_penalty)  # fmt: skip
         for name in ("presence_penalty", "frequency_penalty"):

@@ -43,7 +43,9 @@ def num_blocks_for(spec: KVCacheSpec, memory: int | None, device: torch.device) 
     """Blocks that fit `memory` bytes, or the default share of free memory when None."""
     if memory is None:
         memory = min(int(available_memory(device) * FREE_MEMORY_SHARE), MAX_DEFAULT_BYTES)
-        logger.info("KV cache: %.0f MiB (%.0f%% of free memory, capped)", memory / 2**20, FREE_MEMORY_SHARE * 100)
+        logger.info(
+            "KV cache: %.0f MiB (%.0f%% of free memory, capped)", memory / 2**20, FREE_MEMORY_SHARE * 100
+        )
     blocks = memory // spec.bytes_per_block()
     if blocks < 1:
         raise ValueError(

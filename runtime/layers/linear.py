@@ -33,9 +33,7 @@ class FusedLinear(nn.Module):
     """Several projections of the same input (q/k/v, gate/up) in one kernel call when they share a
     scheme; otherwise one call each. forward returns the outputs in the order given."""
 
-    def __init__(
-        self, weights: Sequence[WeightLike], device: torch.device, dtype: torch.dtype
-    ):
+    def __init__(self, weights: Sequence[WeightLike], device: torch.device, dtype: torch.dtype):
         super().__init__()
         parts = [_as_quantized(w) for w in weights]
         self.sizes = [w.out_features for w in parts]

@@ -56,7 +56,11 @@ class DecoderLayer(nn.Module):
             w(p + "post_attention_layernorm.weight"), config.rms_norm_eps, device, dtype
         )
         self.mlp = MLP(
-            w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight"), w(p + "mlp.down_proj.weight"), device, dtype
+            w(p + "mlp.gate_proj.weight"),
+            w(p + "mlp.up_proj.weight"),
+            w(p + "mlp.down_proj.weight"),
+            device,
+            dtype,
         )
 
     def forward(self, positions, hidden, residual, cache: LayerKVCache, meta: AttentionMetadata):

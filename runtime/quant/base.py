@@ -74,7 +74,12 @@ class LinearKernel(ABC):
     @classmethod
     @abstractmethod
     def can_implement(
-        cls, config: QuantConfig, out_features: int, in_features: int, device: torch.device, dtype: torch.dtype
+        cls,
+        config: QuantConfig,
+        out_features: int,
+        in_features: int,
+        device: torch.device,
+        dtype: torch.dtype,
     ) -> str | None:
         """None if this kernel can run the weight, else a short reason why not."""
 
@@ -170,7 +175,12 @@ class QuantLinearMethod(ABC):
             tensor = weight.tensors[name]
             if tuple(tensor.shape) != spec.shape:
                 raise ValueError(
-                    f"{self.config.name} tensor {name!r}: expected shape {spec.shape}, got {tuple(tensor.shape)}"
+                    f"{self.config.name} tensor {name!r}: expected shape {spec.shape}, "
+                    f"got {tuple(tensor.shape)}"
                 )
-            if tensor.dtype != spec.dtype and not (spec.dtype.is_floating_point and tensor.dtype.is_floating_point):
-                raise ValueError(f"{self.config.name} tensor {name!r}: expected {spec.dtype}, got {tensor.dtype}")
+            if tensor.dtype != spec.dtype and not (
+                spec.dtype.is_floating_point and tensor.dtype.is_floating_point
+            ):
+                raise ValueError(
+                    f"{self.config.name} tensor {name!r}: expected {spec.dtype}, got {tensor.dtype}"
+                )

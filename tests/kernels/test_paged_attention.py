@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+
 from lowbit.kernels.kv_store import kv_store_ref
 from lowbit.kernels.paged_attention import decode_attention_cpu, paged_attention_ref, prefill_attention_cpu
 from lowbit.runtime.kv_cache import LayerKVCache

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from lowbit.kernels.w4a16_matmul import pack_int4, unpack_int4
 from lowbit.runtime.quant import (
     DenseConfig,

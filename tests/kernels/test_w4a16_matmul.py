@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from lowbit.kernels.w4a16_matmul import (
     CPU_GROUP_SIZES,
     cpu_int4pack_supports,

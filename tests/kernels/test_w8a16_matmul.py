@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from lowbit.kernels.w8a16_matmul import (
     cpu_int8pack_supports,
     dequantize_w8a16_ref,

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
 from lowbit.runtime.block_manager import BlockManager
 from lowbit.runtime.sampling_params import SamplingParams
 from lowbit.runtime.sequence import Sequence
@@ -143,6 +144,26 @@ def test_can_grow_counts_the_blocks_already_owned() -> None:
     assert bm.can_grow(b, 8)
     assert not bm.can_grow(b, 9)
     assert not bm.can_allocate(8)  # a fresh sequence would need 2
+
+
+def test_a_shared_block_is_freed_only_by_its_last_user() -> None:
+    """Sharing (prefix caching, forks) is not implemented yet, but the ref counts already promise
+    it: set up a shared block by hand as such a feature would."""
+    bm = BlockManager(4, 4)
+    a, b = make_seq(), make_seq()
+    bm.grow(a, 8)
+    shared = a.block_table[0]
+    b.block_table.append(shared)
+    bm.ref_counts[shared] += 1
+    bm.grow(b, 8)  # b now owns [shared, one new block]
+    assert bm.num_free_blocks == 1
+    bm.free(a)
+    assert shared not in bm.free_blocks
+    assert bm.ref_counts[shared] == 1
+    assert bm.num_free_blocks == 2
+    bm.free(b)
+    assert bm.num_free_blocks == 4
+    assert bm.ref_counts == [0] * 4
 
 
 class BlockManagerMachine(RuleBasedStateMachine):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from lowbit.loaders.tokenizer import Tokenizer
 from lowbit.runtime.detokenizer import Detokenizer
 from lowbit.runtime.sampling_params import SamplingParams
@@ -195,6 +196,17 @@ def test_earliest_of_several_stop_strings_wins(tok: Tokenizer) -> None:
     d, deltas, found, _ = stream(tok, ids, SamplingParams(stop=["lazy", "fox", "over"]))
     assert found == "fox"
     assert d.text == "".join(deltas) == "The quick brown "
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_two_stops_completed_by_the_same_token_cut_at_the_earlier(tok: Tokenizer, keep: bool) -> None:
+    text = "I like strawberries a lot"
+    ids = encode(tok, text)
+    assert tok.decode(ids[2:3]) == " strawberries"  # one token completes both stops below
+    params = SamplingParams(stop=["berries", "straw"], include_stop_str_in_output=keep)
+    d, deltas, found, at = stream(tok, ids, params)
+    assert (found, at) == ("straw", 2)
+    assert d.text == "".join(deltas) == ("I like straw" if keep else "I like ")
 
 
 def test_text_after_the_stop_never_appears(tok: Tokenizer) -> None:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType as V
+
 from lowbit.loaders.gguf_file import read_gguf
 
 from .gguf_fixtures import reference_reader, write_gguf

@@ -16,6 +16,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType as V
+
 from lowbit.loaders import detect, load_checkpoint
 from lowbit.loaders.gguf import load_gguf
 from lowbit.loaders.gguf_file import read_gguf

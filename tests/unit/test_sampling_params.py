@@ -6,6 +6,7 @@ import dataclasses
 import math
 
 import pytest
+
 from lowbit.runtime.sampling_params import MAX_LOGPROBS, SamplingParams
 
 INVALID = [

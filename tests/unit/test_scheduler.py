@@ -9,6 +9,7 @@ import math
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from lowbit.runtime.block_manager import BlockManager
 from lowbit.runtime.sampling_params import SamplingParams
 from lowbit.runtime.scheduler import Scheduler, SchedulerConfig, SchedulerOutput

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pytest
+
 from lowbit.loaders.gguf_file import read_gguf
 from lowbit.loaders.tokenizer import tokenizer_from_gguf
 
