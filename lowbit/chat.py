@@ -6,6 +6,7 @@ Ctrl-D at the prompt, `/exit` or `/quit` leave. `/reset` starts the conversation
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 import time
@@ -74,14 +75,18 @@ class ChatSession:
         return ids
 
     def answer(self, user_text: str) -> AnswerStats:
+        with _Interrupt() as interrupt:
+            return self._answer(user_text, interrupt)
+
+    def _answer(self, user_text: str, interrupt: _Interrupt) -> AnswerStats:
         self.messages.append({"role": "user", "content": user_text})
         ids = self.prompt_ids()
         room = self.llm.engine.max_model_len - len(ids)
         max_tokens = min(self.params.max_tokens or room, room)
-        params = SamplingParams(**{**self.params.__dict__, "max_tokens": max_tokens})
+        params = dataclasses.replace(self.params, max_tokens=max_tokens)
         text, tokens, first = [], 0, None
         start = time.perf_counter()
-        with _Interrupt() as interrupt:
+        if not interrupt.hit:
             stream = self.llm.stream(ids, params)
             for output in stream:
                 completion = output.outputs[0]

@@ -58,7 +58,7 @@ def chat(
         with console.status("loading model..."):
             llm = LLM(model, dtype=dtype, kv_cache_dtype=kv_cache_dtype, quantization=quantization)
     except ValueError as e:
-        console.print(f"[red]error:[/red] {e}")
+        typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     engine = llm.engine
     console.print(
