@@ -6,6 +6,7 @@ detokenization -> RequestOutput deltas
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 from dataclasses import dataclass
@@ -36,6 +37,15 @@ class Request:
     prompt: str | None
     prompt_token_ids: list[int]
     seqs: list[Sequence]
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by load-time temporaries back to the OS. glibc keeps freed heap pages
+    mapped (measured: ~80 MB of RSS after loading the default model); malloc_trim returns them."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do
 
 
 def lm_head_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -79,6 +89,7 @@ class Engine:
             self.model, self.kv_caches, self.kv_spec.block_size, self.device, config.seed
         )
         self.requests: dict[str, Request] = {}
+        release_freed_memory()
         self.load_seconds = time.perf_counter() - started
         logger.info(
             "loaded %s in %.1f s: %s on %s, KV cache %s x %d blocks of %d tokens",

@@ -105,9 +105,20 @@ class DequantizedKernel(LinearKernel):
     def can_implement(cls, config, out_features, in_features, device, dtype) -> str | None:
         return None
 
+    # Rows dequantized at a time: bounds the fp32 temporary (a 49k-row vocabulary projection would
+    # otherwise need its whole fp32 copy next to the result).
+    ROWS_PER_CHUNK = 4096
+
     def pack(self, tensors):
-        weight = self.method.dequantize(tensors)  # fp32 [N, K]
-        return {"weight": weight.to(device=self.device, dtype=self.dtype)}
+        rows = next(iter(tensors.values())).shape[0]
+        weight = None
+        for start in range(0, rows, self.ROWS_PER_CHUNK):
+            part = {name: t[start : start + self.ROWS_PER_CHUNK] for name, t in tensors.items()}
+            chunk = self.method.dequantize(part)  # fp32 [<=ROWS_PER_CHUNK, K]
+            if weight is None:
+                weight = torch.empty((rows, chunk.shape[1]), device=self.device, dtype=self.dtype)
+            weight[start : start + len(chunk)] = chunk
+        return {"weight": weight}
 
     def apply(self, x, packed):
         return torch.nn.functional.linear(x, packed["weight"])

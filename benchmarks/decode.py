@@ -1,0 +1,132 @@
+"""Single-stream CPU speed on one GGUF: lowbit (bf16 KV and int8 KV) beside HF transformers.
+
+Each engine runs in its own process, so load time and resident memory are its own. Per engine:
+load seconds, RSS after load, prompt processing tokens/s (a `--prompt-tokens` prompt), decode
+tokens/s (`--tokens` greedy tokens after a warm-up run), peak RSS. Ratios are against HF in the
+same run, because this machine is noisy.
+
+    python benchmarks/decode.py                       # default model, all engines
+    python benchmarks/decode.py --engines lowbit-bf16kv lowbit-int8kv --tokens 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ENGINES = ("lowbit-bf16kv", "lowbit-int8kv", "hf-transformers")
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def _prompt_ids(tokenizer_encode, count: int) -> list[int]:
+    from lowbit.text_data import standard_text
+
+    return tokenizer_encode(standard_text("wiki")[: count * 8])[:count]
+
+
+def _lowbit(model: str | None, kv: str, prompt_tokens: int, tokens: int, threads: int) -> dict:
+    from lowbit import LLM, SamplingParams
+
+    start = time.perf_counter()
+    llm = LLM(model, kv_cache_dtype=kv, num_threads=threads, kv_cache_memory=256 << 20)
+    load = time.perf_counter() - start
+    rss = _status_kib("VmRSS")
+    prompt = _prompt_ids(llm.tokenizer.encode, prompt_tokens)
+    one = SamplingParams(temperature=0, max_tokens=1)
+    llm.generate([prompt[:32]], one)  # warm-up
+    start = time.perf_counter()
+    llm.generate([prompt], one)
+    prefill = len(prompt) / (time.perf_counter() - start)
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    short = prompt[:16]
+    llm.generate([short], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    decode_times = []
+    for _ in llm.stream(short, params):
+        decode_times.append(time.perf_counter())
+    decode = (len(decode_times) - 1) / (decode_times[-1] - decode_times[0])
+    return {"load_s": load, "rss_mib": rss / 1024, "prefill_tok_s": prefill, "decode_tok_s": decode}
+
+
+def _hf(model: str | None, prompt_tokens: int, tokens: int, threads: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowbit.default_model import default_model_path
+
+    torch.set_num_threads(threads)
+    path = default_model_path() if model is None else Path(model)
+    start = time.perf_counter()
+    source = {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
+    hf = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(**source)
+    load = time.perf_counter() - start
+    rss = _status_kib("VmRSS")
+    prompt = torch.tensor([_prompt_ids(tok.encode, prompt_tokens)])
+    with torch.no_grad():
+        hf(prompt[:, :32])
+        start = time.perf_counter()
+        hf(prompt)
+        prefill = prompt.shape[1] / (time.perf_counter() - start)
+        short = prompt[:, :16]
+        hf.generate(short, max_new_tokens=8, do_sample=False)
+        start = time.perf_counter()
+        out = hf.generate(short, max_new_tokens=tokens, do_sample=False, min_new_tokens=tokens)
+        decode = (out.shape[1] - short.shape[1]) / (time.perf_counter() - start)
+    return {"load_s": load, "rss_mib": rss / 1024, "prefill_tok_s": prefill, "decode_tok_s": decode}
+
+
+def worker(args: argparse.Namespace) -> None:
+    if args.worker == "hf-transformers":
+        result = _hf(args.model, args.prompt_tokens, args.tokens, args.threads)
+    else:
+        kv = "int8" if args.worker == "lowbit-int8kv" else "auto"
+        result = _lowbit(args.model, kv, args.prompt_tokens, args.tokens, args.threads)
+    result["peak_rss_mib"] = _status_kib("VmHWM") / 1024
+    print(json.dumps(result))
+
+
+def main() -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--model", default=None, help="GGUF file (default: the default model)")
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    parser.add_argument("--tokens", type=int, default=128, help="decode tokens per measurement")
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    results = {}
+    for engine in args.engines:
+        cmd = [sys.executable, __file__, "--worker", engine, "--tokens", str(args.tokens)]
+        cmd += ["--prompt-tokens", str(args.prompt_tokens), "--threads", str(args.threads)]
+        cmd += ["--model", args.model] if args.model else []
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        results[engine] = json.loads(out.strip().splitlines()[-1])
+    peer = results.get("hf-transformers")
+    header = f"{'engine':<16} {'load s':>7} {'RSS MiB':>8} {'peak MiB':>9} "
+    header += f"{'prefill tok/s':>14} {'decode tok/s':>13}"
+    print(header + (f" {'decode vs HF':>13}" if peer else ""))
+    for engine, r in results.items():
+        line = f"{engine:<16} {r['load_s']:>7.1f} {r['rss_mib']:>8.0f} {r['peak_rss_mib']:>9.0f} "
+        line += f"{r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f}"
+        if peer:
+            line += f" {r['decode_tok_s'] / peer['decode_tok_s']:>12.1f}x"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
