@@ -8,7 +8,7 @@ import torch
 
 from lowbit.kernels import w4a16_matmul as k4
 
-from .base import DequantizedKernel, LinearKernel, QuantConfig, QuantLinearMethod, TensorSpec
+from .base import DequantizedKernel, LinearKernel, QuantConfig, QuantLinearMethod, TensorSpec, cpu_bf16_only
 
 
 @dataclass(frozen=True)
@@ -30,13 +30,9 @@ class CpuInt4PackKernel(LinearKernel):
 
     @classmethod
     def can_implement(cls, config, out_features, in_features, device, dtype):
-        if device.type != "cpu":
-            return "CPU only"
-        if dtype != torch.bfloat16:
-            # Measured (torch 2.13, 1536x576): fp32 808 us at M=1 and 30 ms at M=37, against 107 us
-            # and 485 us for a dense fp32 matmul of the dequantized weight.
-            return "fast only with bf16 activations"
-        return k4.cpu_int4pack_supports(out_features, in_features, config.group_size)
+        return cpu_bf16_only(device, dtype) or k4.cpu_int4pack_supports(
+            out_features, in_features, config.group_size
+        )
 
     def pack(self, tensors):
         packed, scales_and_zeros = k4.pack_w4a16_cpu(

@@ -19,15 +19,9 @@ from lowbit.runtime.quant import (
 )
 from lowbit.runtime.quant.rtn import quantize_rtn, quantize_w4a16_rtn, quantize_w8a16_rtn
 
+from .tolerance import TOL, assert_close_rel
+
 CPU = torch.device("cpu")
-# Relative tolerances per compute dtype, against the largest |reference| output.
-TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
-
-
-def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> None:
-    actual, expected = actual.float(), expected.float()
-    bound = expected.abs().max().item()
-    torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * bound)
 
 
 def random_w4(n: int, k: int, group: int, gen: torch.Generator) -> QuantizedWeight:

@@ -16,15 +16,7 @@ from lowbit.kernels.w8a16_matmul import (
     w8a16_matmul_ref,
 )
 
-# Relative tolerances per activation dtype, against the largest |reference| output.
-# bf16: the CPU kernel takes bf16 scales and returns bf16 (eps 2^-8 ~ 4e-3).
-TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
-
-
-def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> None:
-    actual, expected = actual.float(), expected.float()
-    bound = expected.abs().max().item()
-    torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * bound)
+from .tolerance import TOL, assert_close_rel
 
 
 def naive_dequantize(qweight: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
