@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.default_model import default_model_path
 from lowbit.loaders import load_checkpoint
 from lowbit.loaders.base import Checkpoint
 from lowbit.loaders.tokenizer import Tokenizer
@@ -55,8 +56,6 @@ def lm_head_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 class Engine:
     def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None):
-        from lowbit.default_model import default_model_path
-
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
@@ -68,7 +67,7 @@ class Engine:
         self.tokenizer: Tokenizer = checkpoint.tokenizer
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device)
-        self.max_model_len = min(config.max_model_len or 1 << 62, self.model_config.max_position_embeddings)
+        self.max_model_len = self._max_model_len()
         self.model = model_class(self.model_config.architecture)(
             self.model_config,
             checkpoint.weights,
@@ -95,6 +94,13 @@ class Engine:
             checkpoint.source, self.load_seconds, self.dtype, self.device,
             self.kv_spec.dtype, self.kv_spec.num_blocks, self.kv_spec.block_size,
         )  # fmt: skip
+
+    def _max_model_len(self) -> int:
+        trained = self.model_config.max_position_embeddings
+        asked = self.config.max_model_len or trained
+        if asked > trained:
+            raise ValueError(f"max_model_len {asked} exceeds the model's context length of {trained}")
+        return asked
 
     def _kv_spec(self) -> KVCacheSpec:
         c, m = self.config, self.model_config

@@ -185,3 +185,8 @@ def test_abort_frees_every_block(llm_fast):
     engine.abort("a")
     engine.abort("b")
     assert _pool_is_full(llm_fast)
+
+
+def test_max_model_len_beyond_the_model_is_rejected():
+    with pytest.raises(ValueError, match="max_model_len 100000 exceeds the model's context length of 8192"):
+        LLM(max_model_len=100_000)
