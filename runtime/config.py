@@ -72,6 +72,9 @@ class EngineConfig:
     kv_cache_memory: bytes for the KV pool when `num_kv_blocks` is None; None means a share of
         the free memory (see `kv_cache.sizing`).
     max_model_len: context length; None takes the model's own.
+    max_num_seqs: most sequences in one step; max_num_batched_tokens: most tokens in one step,
+        which is also the prefill chunk size (512 on CPU keeps a decode step behind a prompt
+        chunk to a fraction of a second).
     """
 
     model: str | None = None
@@ -83,7 +86,8 @@ class EngineConfig:
     kv_cache_memory: int | None = None
     max_model_len: int | None = None
     max_num_seqs: int = 16
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int = 512
+    enable_prefix_caching: bool = True
     quantization: str | None = None
     num_threads: int | None = None
     seed: int = 0

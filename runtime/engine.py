@@ -34,6 +34,21 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
+class EngineStats:
+    """Counters since start, and the state of the queues and the KV pool now."""
+
+    steps: int = 0
+    prompt_tokens_computed: int = 0  # prompt tokens that ran through the model (cache misses)
+    generated_tokens: int = 0
+    num_running: int = 0
+    num_waiting: int = 0
+    num_free_blocks: int = 0
+    num_blocks: int = 0
+    num_preemptions: int = 0
+    prefix_cache_hit_rate: float = 0.0
+
+
+@dataclass
 class Request:
     request_id: str
     prompt: str | None
@@ -78,7 +93,9 @@ class Engine:
         )
         self.kv_spec = self._kv_spec()
         self.kv_caches = allocate_kv_cache(self.kv_spec, self.device)
-        self.block_manager = BlockManager(self.kv_spec.num_blocks, self.kv_spec.block_size)
+        self.block_manager = BlockManager(
+            self.kv_spec.num_blocks, self.kv_spec.block_size, config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
             self.block_manager,
@@ -87,6 +104,7 @@ class Engine:
             self.model, self.kv_caches, self.kv_spec.block_size, self.device, config.seed
         )
         self.requests: dict[str, Request] = {}
+        self.counters = EngineStats()
         release_freed_memory()
         self.load_seconds = time.perf_counter() - started
         logger.info(
@@ -115,9 +133,14 @@ class Engine:
         self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None
     ) -> None:
         """Queue a request. Raises ValueError for anything that could never be served."""
+        self.admit(self.prepare(request_id, prompt, params))
+
+    def prepare(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None
+    ) -> Request:
+        """Tokenize and validate without touching engine state (safe while a step runs in another
+        thread). Raises ValueError for anything that could never be served."""
         params = params or SamplingParams()
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         max_tokens = self._validate(token_ids, params)
@@ -125,8 +148,16 @@ class Engine:
             Sequence(request_id, i, token_ids, params, Detokenizer(self.tokenizer, params), max_tokens)
             for i in range(params.n)
         ]
-        self.requests[request_id] = Request(request_id, text, token_ids, seqs)
-        for seq in seqs:
+        for seq in seqs[1:]:
+            seq.leader = seqs[0]
+        return Request(request_id, text, token_ids, seqs)
+
+    def admit(self, request: Request) -> None:
+        """Queue a prepared request."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        for seq in request.seqs:
             self.scheduler.add(seq)
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> int:
@@ -180,6 +211,20 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def stats(self) -> EngineStats:
+        c, blocks = self.counters, self.block_manager
+        return EngineStats(
+            steps=c.steps,
+            prompt_tokens_computed=c.prompt_tokens_computed,
+            generated_tokens=c.generated_tokens,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_free_blocks=blocks.num_free_blocks,
+            num_blocks=blocks.num_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_hit_rate=blocks.stats.hit_rate,
+        )
+
     # ------------------------------------------------------------------ stepping
 
     def step(self) -> list[RequestOutput]:
@@ -194,8 +239,15 @@ class Engine:
 
     def _advance(self, batch: SchedulerOutput, sampled: SamplerOutput) -> None:
         samplers = [s.seq for s in batch.scheduled if s.samples]
+        self.counters.steps += 1
+        self.counters.generated_tokens += len(samplers)
         for item in batch.scheduled:
+            prompt_end = len(item.seq.prompt_token_ids)
+            self.counters.prompt_tokens_computed += max(
+                0, min(prompt_end, item.start + item.num_tokens) - item.start
+            )
             item.seq.num_computed_tokens += item.num_tokens
+            self.block_manager.commit(item.seq)
         for seq, token, logprob in zip(samplers, sampled.token_ids, sampled.logprobs, strict=True):
             seq.append(token)
             if seq.logprobs is not None:
@@ -239,4 +291,5 @@ class Engine:
         ]
         if all(seq.finished for seq in request.seqs):
             del self.requests[request.request_id]
-        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs)
+        cached = request.seqs[0].num_cached_tokens
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs, cached)

@@ -1,8 +1,16 @@
-"""Which sequences run in the next step, and for how many tokens.
+"""Which sequences run in the next step, and for how many tokens (continuous batching).
 
-This version runs prefills (whole prompts, several at once when they fit the token budget) and
-decodes in separate steps, preempting the newest running sequence by recomputation when the KV
-pool is full. `SchedulerOutput` is the whole contract with the model runner.
+Each step has a token budget (`max_num_batched_tokens`) and a cap on running sequences
+(`max_num_seqs`). The order of service:
+1. running sequences that decode (one token each), oldest first;
+2. running sequences part-way through their prompt, one chunk each (chunked prefill);
+3. waiting sequences, first come first served, with what budget is left: a prompt is taken in
+   chunks, so a long one never holds the decodes back by more than one chunk.
+Prefixes already in the KV cache (prefix caching, or the prompt of completion 0 for the other
+completions of an n > 1 request) count as computed and are skipped. When the pool runs out of
+blocks the most recently admitted running sequence is preempted: its blocks are freed and it
+goes back to the front of the queue, to be recomputed (mostly from the prefix cache) later.
+`SchedulerOutput` is the whole contract with the model runner.
 """
 
 from __future__ import annotations
@@ -41,11 +49,18 @@ class ScheduledSequence:
 
 @dataclass(frozen=True)
 class SchedulerOutput:
-    """Prefill-style entries (several tokens) come first, then single-token decodes."""
+    """Entries with several tokens (prefill chunks) come first, then single-token entries, which
+    attention runs as one batched decode."""
 
     scheduled: tuple[ScheduledSequence, ...]
     num_prefills: int
     preempted: tuple[Sequence, ...] = ()
+
+    @classmethod
+    def of(cls, entries: list[ScheduledSequence], preempted: list[Sequence]) -> SchedulerOutput:
+        multi = [e for e in entries if e.num_tokens > 1]
+        single = [e for e in entries if e.num_tokens == 1]
+        return cls(tuple(multi + single), len(multi), tuple(preempted))
 
     @property
     def num_tokens(self) -> int:
@@ -61,7 +76,7 @@ class Scheduler:
         self.config = config
         self.blocks = block_manager
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # in admission order: the last is preempted first
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -71,49 +86,103 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
-        prefills = self._admit_waiting()
-        if prefills:
-            return SchedulerOutput(tuple(prefills), num_prefills=len(prefills))
-        return self._schedule_decodes()
-
-    def _admit_waiting(self) -> list[ScheduledSequence]:
-        scheduled: list[ScheduledSequence] = []
-        budget = self.config.max_num_batched_tokens
-        while self.waiting and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            needed = seq.num_tokens - seq.num_computed_tokens
-            # One prompt longer than the budget still runs, alone, or it would never run at all.
-            if scheduled and needed > budget:
-                break
-            if not self.blocks.can_grow(seq, seq.num_tokens):
-                break
-            self.waiting.popleft()
-            self.blocks.grow(seq, seq.num_tokens)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            scheduled.append(ScheduledSequence.of(seq, needed))
-            budget -= needed
-        return scheduled
-
-    def _schedule_decodes(self) -> SchedulerOutput:
+        entries: dict[Sequence, ScheduledSequence] = {}
         preempted: list[Sequence] = []
-        scheduled: list[ScheduledSequence] = []
-        for seq in list(self.running):
-            if seq not in self.running:  # preempted to make room for an older one
+        decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
+        prefills = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
+        for seq in decodes + prefills:
+            budget = self.config.max_num_batched_tokens - sum(e.num_tokens for e in entries.values())
+            if budget == 0:
+                break
+            if seq not in self.running:  # preempted to make room for an older sequence
                 continue
-            while not self.blocks.can_grow(seq, seq.num_tokens):
-                victim = self.running[-1]
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is seq:
-                    break
-            if seq in self.running:
-                self.blocks.grow(seq, seq.num_tokens)
-                scheduled.append(ScheduledSequence.of(seq, 1))
-        return SchedulerOutput(tuple(scheduled), num_prefills=0, preempted=tuple(preempted))
+            count = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if self._make_room(seq, seq.num_computed_tokens + count, preempted, entries):
+                entries[seq] = ScheduledSequence.of(seq, count)
+        scheduled = list(entries.values())
+        if not preempted:  # a pool that just had to preempt has no room for newcomers
+            scheduled += self._admit(
+                self.config.max_num_batched_tokens - sum(e.num_tokens for e in scheduled)
+            )
+        return SchedulerOutput.of(scheduled, preempted)
+
+    def _make_room(
+        self,
+        seq: Sequence,
+        num_tokens: int,
+        preempted: list[Sequence],
+        entries: dict[Sequence, ScheduledSequence],
+    ) -> bool:
+        """Grow `seq` to `num_tokens`, preempting the newest sequences if needed (taking them out
+        of this step if they were already in it); False if `seq` itself had to go."""
+        while not self.blocks.can_grow(seq, num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim)
+            preempted.append(victim)
+            entries.pop(victim, None)
+            if victim is seq:
+                return False
+        self.blocks.grow(seq, num_tokens)
+        return True
+
+    def _admit(self, budget: int) -> list[ScheduledSequence]:
+        entries: list[ScheduledSequence] = []
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            if self._waits_for_leader(seq):
+                continue
+            entry = self._try_admit(seq, budget)
+            if entry is None:
+                break  # first come, first served: nobody overtakes a prompt waiting for blocks
+            entries.append(entry)
+            budget -= entry.num_tokens
+        return entries
+
+    def _waits_for_leader(self, seq: Sequence) -> bool:
+        """Completions 1..n-1 start once completion 0 has computed the shared prompt."""
+        leader = seq.leader
+        if leader is None or leader.finished:
+            return False
+        return leader.num_computed_tokens < len(leader.prompt_token_ids)
+
+    def _try_admit(self, seq: Sequence, budget: int) -> ScheduledSequence | None:
+        shared = self._shareable_leader_blocks(seq)
+        prefix = [] if shared else self.blocks.cached_prefix(seq)
+        cached = (shared or len(prefix)) * self.blocks.block_size
+        count = min(seq.num_tokens - cached, budget)
+        if shared:
+            needed = self.blocks.blocks_for(cached + count) - shared
+        else:
+            needed = self.blocks.blocks_needed(seq, cached + count, prefix)
+        if needed > self.blocks.num_free_blocks:
+            return None
+        if shared:
+            self.blocks.fork(seq.leader, seq, shared)
+        else:
+            self.blocks.use_prefix(seq, prefix)
+        seq.num_cached_tokens = max(seq.num_cached_tokens, cached)
+        self.blocks.grow(seq, cached + count)
+        self.waiting.remove(seq)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        return ScheduledSequence.of(seq, count)
+
+    def _shareable_leader_blocks(self, seq: Sequence) -> int:
+        """Full prompt blocks of a running leader that `seq` can share (0 if none)."""
+        leader = seq.leader
+        if leader is None or leader.status is not SequenceStatus.RUNNING:
+            return 0
+        prompt = len(seq.prompt_token_ids)
+        if seq.num_tokens != prompt:  # a preempted completion has its own tokens by now
+            return 0
+        return min(
+            (prompt - 1) // self.blocks.block_size, leader.num_computed_tokens // self.blocks.block_size
+        )
 
     def _preempt(self, seq: Sequence) -> None:
-        """Free its blocks and queue it first; its tokens so far are recomputed as a prompt."""
+        """Free its blocks and queue it first; what it computed is recomputed (or found in the
+        prefix cache) when it is admitted again."""
         self.running.remove(seq)
         self.blocks.free(seq)
         seq.status = SequenceStatus.WAITING

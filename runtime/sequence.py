@@ -43,7 +43,10 @@ class Sequence:
         self.detokenizer = detokenizer
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []  # names of the full, computed blocks (prefix cache)
         self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache or a fork
+        self.leader: Sequence | None = None  # for n > 1: completion 0, whose prompt blocks we share
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
