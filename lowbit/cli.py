@@ -60,10 +60,10 @@ def chat(
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    engine = llm.engine
+    engine, spec = llm.engine, llm.engine.kv_spec
     console.print(
-        f"[bold]{engine.checkpoint_source}[/bold] · {engine.dtype} · KV {engine.kv_spec.dtype} · "
-        f"loaded in {engine.load_seconds:.1f} s"
+        f"[bold]{engine.checkpoint_source}[/bold] · {engine.dtype} · KV cache {spec.dtype}, "
+        f"{spec.num_blocks * spec.block_size} tokens · loaded in {engine.load_seconds:.1f} s"
     )
     run_chat(llm, params, system, console)
 
