@@ -185,13 +185,17 @@ class Engine:
             )
         return max_tokens
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request now and free its KV blocks; unknown or finished ids are ignored."""
-        request = self.requests.pop(request_id, None)
-        for seq in request.seqs if request else ():
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its KV blocks. Returns its final output (finish_reason
+        "abort"), so a stream can end on it; None for an unknown or already finished id."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        for seq in request.seqs:
             if not seq.finished:
                 seq.finish("abort")
                 self.scheduler.finish(seq)
+        return self._output(request)  # every sequence is finished now, so this forgets the request
 
     def score(self, token_ids: list[int]) -> torch.Tensor:
         """fp32 logits [T, vocab] at every position of `token_ids` (teacher forcing), through the

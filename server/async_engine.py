@@ -2,17 +2,20 @@
 
 Steps run in a worker thread (`asyncio.to_thread`) so the event loop keeps serving while the model
 computes. The engine is only mutated between steps, on the event loop: new requests and aborts
-queue up and are applied before the next step starts. Each request's outputs flow through its
-own queue to the `generate` iterator; leaving that iterator early (client gone, task cancelled)
-aborts the request and frees its KV blocks. At most `max_pending` requests are in flight; more
-callers wait for a slot (backpressure) instead of growing the queue without bound.
+queue up and are applied, in the order they came, before the next step starts. Each request's
+outputs flow through its own queue to the `generate` iterator; leaving that iterator early (client
+gone, task cancelled) aborts the request and frees its KV blocks, and an `abort()` from outside
+ends the stream with a final output whose finish_reason is "abort". At most `max_pending`
+requests are in the engine; more callers wait for a slot (backpressure) instead of growing the
+queue without bound.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 from lowbit.runtime.engine import Engine, Request
 from lowbit.runtime.outputs import RequestOutput
@@ -23,16 +26,25 @@ class EngineDeadError(RuntimeError):
     """The engine loop failed; every request in flight gets this."""
 
 
+@dataclass(eq=False)
+class _Stream:
+    """One `generate` call: its request and the queue its outputs arrive on."""
+
+    request: Request
+    queue: asyncio.Queue[RequestOutput | BaseException] = field(default_factory=asyncio.Queue)
+    in_engine: bool = False  # admitted to the engine (by the loop, between steps)
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine, max_pending: int = 256):
         self.engine = engine
         self.slots = asyncio.Semaphore(max_pending)
-        self._to_admit: list[Request] = []
-        self._to_abort: list[str] = []
-        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._pending: list[_Stream | str] = []  # admissions and aborts (by id), applied in order
+        # A request from its `generate` call until the engine is done with it (finished, or its
+        # abort applied): its id is taken all that time, so one id never names two requests.
+        self._streams: dict[str, _Stream] = {}
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
-        self._ids = itertools.count()
         self.error: BaseException | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -42,7 +54,8 @@ class AsyncEngine:
             self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="lowbit-engine")
 
     async def stop(self) -> None:
-        """Abort everything in flight and stop the loop."""
+        """Abort everything in flight (each stream ends with an "abort" output) and stop the loop,
+        after the step that is running, if any, has finished."""
         for request_id in list(self._streams):
             self.abort(request_id)
         if self._loop_task is not None:
@@ -53,6 +66,7 @@ class AsyncEngine:
 
     @property
     def num_in_flight(self) -> int:
+        """Requests taken and not yet let go of, those waiting for a slot included."""
         return len(self._streams)
 
     # ------------------------------------------------------------------ requests
@@ -61,48 +75,89 @@ class AsyncEngine:
         self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's output after every step that advances it, the last one finished.
-        Raises ValueError at once for a request that can never be served."""
+        Raises ValueError at once for a request that can never be served, or whose id is in use."""
         if self.error is not None:
             raise EngineDeadError(f"engine loop failed earlier: {self.error!r}")
-        request_id = request_id or f"req-{next(self._ids)}"
+        request_id = request_id or f"req-{uuid.uuid4().hex}"  # never collides with a caller's id
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        request = self.engine.prepare(request_id, prompt, params)  # validation errors surface here
+        stream = _Stream(self.engine.prepare(request_id, prompt, params))  # validation errors here
+        self._streams[request_id] = stream
         self.start()
-        async with self.slots:
-            queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-            self._streams[request_id] = queue
-            self._to_admit.append(request)
-            self._wake.set()
-            finished = False
-            try:
+        finished = False
+        try:
+            async with self.slots:
+                self._pending.append(stream)
+                self._wake.set()
                 while not finished:
-                    item = await queue.get()
+                    item = await stream.queue.get()
                     if isinstance(item, BaseException):
                         raise item
                     finished = item.finished
                     yield item
-            finally:
-                if not finished:
-                    self.abort(request_id)
-                self._streams.pop(request_id, None)
+        finally:
+            if self._streams.get(request_id) is stream:
+                if finished:
+                    del self._streams[request_id]
+                else:
+                    self.abort(request_id)  # the id stays taken until the abort is applied
 
     def abort(self, request_id: str) -> None:
-        """Stop a request before its next step; its KV blocks are freed."""
-        self._to_abort.append(request_id)
+        """Stop a request before its next step: its KV blocks are freed and its stream ends with a
+        final output whose finish_reason is "abort". Unknown or finished ids are ignored."""
+        self._pending.append(request_id)
         self._wake.set()
 
     # ------------------------------------------------------------------ the loop
 
     def _apply_pending(self) -> None:
-        admit, self._to_admit = self._to_admit, []
-        abort, self._to_abort = self._to_abort, []
-        aborted = set(abort)
-        for request in admit:
-            if request.request_id not in aborted:
-                self.engine.admit(request)
-        for request_id in abort:
-            self.engine.abort(request_id)
+        pending, self._pending = self._pending, []
+        for item in pending:
+            if isinstance(item, str):
+                self._apply_abort(item)
+            elif self._streams.get(item.request.request_id) is item:  # not aborted meanwhile
+                self.engine.admit(item.request)
+                item.in_engine = True
+
+    def _apply_abort(self, request_id: str) -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is not None and not stream.in_engine:
+            # Aborted before it was admitted (e.g. while waiting for a slot): it enters the engine
+            # only to leave it, so that it ends like any aborted request, on a final output.
+            self.engine.admit(stream.request)
+        final = self.engine.abort(request_id)
+        if stream is not None and final is not None:
+            stream.queue.put_nowait(final)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                stream.queue.put_nowait(output)
+
+    def _fail(self, error: BaseException) -> None:
+        """A bug in a step: fail every request loudly, never hang them."""
+        self.error = error
+        dead = EngineDeadError(f"engine loop failed: {error!r}")
+        dead.__cause__ = error
+        for stream in self._streams.values():
+            stream.queue.put_nowait(dead)
+
+    async def _step(self) -> list[RequestOutput]:
+        """One step in the worker thread. The engine must not change under a running step, so when
+        the loop is cancelled (`stop`) meanwhile, the step finishes and its outputs are delivered
+        before the cancellation goes on."""
+        step = asyncio.ensure_future(asyncio.to_thread(self.engine.step))
+        try:
+            return await asyncio.shield(step)
+        except asyncio.CancelledError:
+            await asyncio.wait([step])
+            if not step.cancelled():
+                if step.exception() is not None:
+                    self._fail(step.exception())
+                else:
+                    self._deliver(step.result())
+            raise
 
     async def _run(self) -> None:
         try:
@@ -112,16 +167,9 @@ class AsyncEngine:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                for output in await asyncio.to_thread(self.engine.step):
-                    queue = self._streams.get(output.request_id)
-                    if queue is not None:
-                        queue.put_nowait(output)
+                self._deliver(await self._step())
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # a bug in a step: fail every request loudly, never hang them
-            self.error = e
-            dead = EngineDeadError(f"engine loop failed: {e!r}")
-            dead.__cause__ = e
-            for queue in self._streams.values():
-                queue.put_nowait(dead)
+        except Exception as e:
+            self._fail(e)
             raise
