@@ -71,17 +71,25 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------ requests
 
-    async def generate(
+    def generate(
         self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's output after every step that advances it, the last one finished.
-        Raises ValueError at once for a request that can never be served, or whose id is in use."""
+        """An iterator over the request's output after every step that advances it, the last one
+        finished. Raises ValueError here, before anything is sent to a client, for a request that
+        can never be served or whose id is in use."""
+        self._check_usable(request_id)
+        request = self.engine.prepare(request_id or f"req-{uuid.uuid4().hex}", prompt, params)
+        return self._stream(_Stream(request))
+
+    def _check_usable(self, request_id: str | None) -> None:
         if self.error is not None:
             raise EngineDeadError(f"engine loop failed earlier: {self.error!r}")
-        request_id = request_id or f"req-{uuid.uuid4().hex}"  # never collides with a caller's id
-        if request_id in self._streams:
+        if request_id is not None and request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        stream = _Stream(self.engine.prepare(request_id, prompt, params))  # validation errors here
+
+    async def _stream(self, stream: _Stream) -> AsyncIterator[RequestOutput]:
+        request_id = stream.request.request_id
+        self._check_usable(request_id)
         self._streams[request_id] = stream
         self.start()
         finished = False

@@ -213,7 +213,7 @@ def test_concurrent_requests_each_get_their_single_request_result(exact_engine, 
 # ---------------------------------------------------------------------- validation and ids
 
 
-def test_invalid_requests_fail_at_the_first_iteration_and_the_engine_stays_usable(engine):
+def test_invalid_requests_fail_at_the_call_and_the_engine_stays_usable(engine):
     vocab, context = engine.model_config.vocab_size, engine.max_model_len
     invalid = [
         ([], greedy(4), "prompt is empty"),
@@ -228,9 +228,8 @@ def test_invalid_requests_fail_at_the_first_iteration_and_the_engine_stays_usabl
         running = asyncio.create_task(collect(ae.generate(PROMPT, greedy(12), request_id="ok")))
         await wait_until(lambda: "ok" in engine.requests, "the valid request to be admitted")
         for prompt, params, message in invalid:
-            stream = ae.generate(prompt, params, request_id="bad")
             with pytest.raises(ValueError, match=message):
-                await stream.__anext__()
+                ae.generate(prompt, params, request_id="bad")  # before any output can be sent
         assert ae.error is None
         final = check_stream(await running)  # undisturbed by the rejections around it
         assert final.token_ids == expected.token_ids
