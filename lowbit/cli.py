@@ -68,5 +68,61 @@ def chat(
     run_chat(llm, params, system, console)
 
 
+@app.command()
+def serve(
+    model: ModelArg = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="LOWBIT_API_KEY", help="Require 'Authorization: Bearer <key>'.")
+    ] = None,
+    served_model_name: Annotated[
+        list[str] | None, typer.Option(help="Name(s) clients use for the model; default: the file's stem.")
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on CPU), float32, float16, bfloat16.")] = "auto",
+    kv_cache_dtype: Annotated[str, typer.Option(help="auto or int8.")] = "auto",
+    kv_cache_memory_mib: Annotated[
+        int | None, typer.Option(help="KV pool size; default: a share of free memory.")
+    ] = None,
+    max_num_seqs: Annotated[int, typer.Option(help="Most sequences per step.")] = 32,
+    max_num_batched_tokens: Annotated[int, typer.Option(help="Most tokens per step (prefill chunk).")] = 512,
+    max_model_len: Annotated[int | None, typer.Option(help="Context length; default: the model's.")] = None,
+    quantization: Annotated[str | None, typer.Option(help="w4a16 or w8a16 on load (HF dirs).")] = None,
+    graceful_timeout: Annotated[
+        int, typer.Option(help="Seconds in-flight requests get to finish on shutdown.")
+    ] = 30,
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API."""
+    from pathlib import Path
+
+    import uvicorn
+
+    from lowbit.default_model import default_model_path
+    from lowbit.runtime.config import EngineConfig
+    from lowbit.runtime.engine import Engine
+    from lowbit.server.app import build_app
+    from lowbit.server.async_engine import AsyncEngine
+
+    kv_cache_memory = kv_cache_memory_mib << 20 if kv_cache_memory_mib else None
+    try:
+        config = EngineConfig(
+            model=model, dtype=dtype, kv_cache_dtype=kv_cache_dtype, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+            quantization=quantization, kv_cache_memory=kv_cache_memory,
+        )  # fmt: skip
+        engine = Engine(config)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    names = served_model_name or [Path(model or default_model_path()).name.removesuffix(".gguf")]
+    app_ = build_app(AsyncEngine(engine, max_pending=max(4 * max_num_seqs, 64)), names, api_key)
+    spec = engine.kv_spec
+    typer.echo(
+        f"serving {names[0]} ({engine.dtype}, KV cache {spec.dtype} x "
+        f"{spec.num_blocks * spec.block_size} tokens) on http://{host}:{port}/v1"
+    )
+    uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=graceful_timeout)
+
+
 if __name__ == "__main__":
     app()
