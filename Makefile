@@ -1,10 +1,10 @@
-# Two entry points on a fresh machine: `make chat` and `make test`. Both install first.
+# Entry points on a fresh machine: `make serve` (or `make chat`) and `make test`. All install first.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install chat test lint clean
+.PHONY: install serve chat test lint clean
 
 # torch is pinned here, not in pyproject.toml: 2.13.0 is the CPU wheel this machine has on disk,
 # while an unpinned torch would pull a multi-GB CUDA build. GPU machines install their own torch.
@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+serve: install
+	$(BIN)/lowbit serve
 
 chat: install
 	$(BIN)/lowbit chat

@@ -27,7 +27,7 @@ def block_hash(parent: bytes, token_ids: Seq[int]) -> bytes:
 
 @dataclass
 class PrefixCacheStats:
-    queried_tokens: int = 0  # prompt tokens looked up
+    queried_tokens: int = 0  # tokens looked up at admission (a returning preempted sequence: its output too)
     hit_tokens: int = 0  # of which found in the cache
 
     @property
