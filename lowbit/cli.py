@@ -93,6 +93,7 @@ def serve(
     ] = 30,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API."""
+    import signal
     from pathlib import Path
 
     import uvicorn
@@ -121,7 +122,14 @@ def serve(
         f"serving {names[0]} ({engine.dtype}, KV cache {spec.dtype} x "
         f"{spec.num_blocks * spec.block_size} tokens) on http://{host}:{port}/v1"
     )
+    # uvicorn drains in-flight requests on SIGTERM and then re-raises the signal; with the default
+    # handler that kills the process (status 143) after a clean shutdown. Exit with 0 instead.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=graceful_timeout)
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":

@@ -92,6 +92,13 @@ class Engine:
             lm_head_dtype=lm_head_dtype(self.dtype, self.device),
         )
         self.kv_spec = self._kv_spec()
+        capacity = self.kv_spec.num_blocks * self.kv_spec.block_size
+        if capacity < self.max_model_len:
+            logger.warning(
+                "the KV cache holds %d tokens, less than the context length %d: one request can use at "
+                "most that many (raise kv_cache_memory to serve the full context)",
+                capacity, self.max_model_len,
+            )  # fmt: skip
         self.kv_caches = allocate_kv_cache(self.kv_spec, self.device)
         self.block_manager = BlockManager(
             self.kv_spec.num_blocks, self.kv_spec.block_size, config.enable_prefix_caching
@@ -171,7 +178,11 @@ class Engine:
         n, context = len(token_ids), self.max_model_len
         if n >= context:
             raise ValueError(f"prompt is {n} tokens, which leaves no room in the context length of {context}")
-        max_tokens = params.max_tokens if params.max_tokens is not None else context - n
+        # No max_tokens: run until the context, or a KV pool smaller than the context, is full.
+        limit = min(context, self.kv_spec.num_blocks * self.kv_spec.block_size)
+        if params.max_tokens is None and n >= limit:
+            raise ValueError(f"prompt is {n} tokens, which leaves no room in the KV cache of {limit} tokens")
+        max_tokens = params.max_tokens if params.max_tokens is not None else limit - n
         if n + max_tokens > context:
             raise ValueError(
                 f"prompt ({n} tokens) + max_tokens ({max_tokens}) = {n + max_tokens} exceeds the "

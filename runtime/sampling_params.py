@@ -3,11 +3,13 @@ every error is a ValueError that names the field."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
 MAX_LOGPROBS = 20
+MAX_N = 128  # completions per request; seeds leave room for seed + index to stay in int64
 
 
 def _check(ok: bool, name: str, requirement: str, value: object) -> None:
@@ -24,6 +26,20 @@ def _as_tuple(value: object, name: str, requirement: str) -> tuple:
         return tuple(value or ())  # type: ignore[call-overload]
     except TypeError:
         raise ValueError(f"{name} must be {requirement}, got {value!r}") from None
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_REAL_FIELDS = {
+    "temperature": (lambda v: v >= 0, ">= 0"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "min_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "repetition_penalty": (lambda v: v > 0, "> 0"),
+    "presence_penalty": (lambda v: -2 <= v <= 2, "in [-2, 2]"),
+    "frequency_penalty": (lambda v: -2 <= v <= 2, "in [-2, 2]"),
+}
 
 
 def _token_id(key: object) -> int:
@@ -88,23 +104,19 @@ class SamplingParams:
             object.__setattr__(self, "logit_bias", MappingProxyType(bias))
         if _is_int(self.top_k) and self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
+        for name in _REAL_FIELDS:  # ints too (10**30 must not reach torch as an int)
+            if _is_real(getattr(self, name)):
+                object.__setattr__(self, name, float(getattr(self, name)))
 
     def _validate(self) -> None:
-        _check(_is_int(self.n) and self.n >= 1, "n", "an integer >= 1", self.n)
-        _check(isinstance(self.temperature, (int, float)) and self.temperature >= 0, "temperature", ">= 0",
-               self.temperature)  # fmt: skip
-        _check(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
-        _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", "0 or -1 (disabled) or a positive integer",
-               self.top_k)  # fmt: skip
-        _check(
-            isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1, "min_p", "in [0, 1]", self.min_p
-        )
-        _check(isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0,
-               "repetition_penalty", "> 0", self.repetition_penalty)  # fmt: skip
-        for name in ("presence_penalty", "frequency_penalty"):
+        _check(_is_int(self.n) and 1 <= self.n <= MAX_N, "n", f"an integer in [1, {MAX_N}]", self.n)
+        for name, (ok, requirement) in _REAL_FIELDS.items():
             value = getattr(self, name)
-            _check(isinstance(value, (int, float)) and -2 <= value <= 2, name, "in [-2, 2]", value)
-        _check(self.seed is None or _is_int(self.seed), "seed", "an integer or None", self.seed)
+            _check(_is_real(value) and ok(value), name, f"a finite number {requirement}", value)
+        _check(_is_int(self.top_k) and 0 <= self.top_k < 2**63, "top_k",
+               "0 or -1 (disabled) or a positive integer", self.top_k)  # fmt: skip
+        _check(self.seed is None or (_is_int(self.seed) and -(2**63) <= self.seed < 2**63 - MAX_N), "seed",
+               "None or an integer that fits int64", self.seed)  # fmt: skip
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings", self.stop)
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                "non-negative integers", self.stop_token_ids)  # fmt: skip

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import lowbit
 from lowbit.runtime.outputs import RequestOutput
@@ -145,6 +146,30 @@ def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+class _CountRequests:
+    """Counts every HTTP request by path and response status (500 when none was sent)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.requests.labels(scope["path"], str(status)).inc()
+
+
 def build_app(async_engine: AsyncEngine, names: Sequence[str], api_key: str | None = None) -> FastAPI:
     state = ServerState(async_engine, names, api_key)
 
@@ -158,11 +183,10 @@ def build_app(async_engine: AsyncEngine, names: Sequence[str], api_key: str | No
     app.state.lowbit = state
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        state.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        return response
+    # A plain ASGI middleware, not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware wraps
+    # `receive` so that `request.is_disconnected()` never sees a client leave, and a non-streamed
+    # request whose client went away would then be generated to the end for nobody.
+    app.add_middleware(_CountRequests, metrics=state.metrics)
 
     async def authorized(request: Request) -> None:
         if state.api_key is None:
@@ -284,7 +308,7 @@ async def _completion_events(
         if output.finished:
             finals[i] = output
         if choices:
-            yield rs.completion_body(header, choices, None, chunk=True)
+            yield rs.completion_body(header, choices, None, include_usage)
     if include_usage:
         usage = rs.merge_usage([rs.usage(finals[i]) for i in sorted(finals)])
-        yield rs.completion_body(header, [], usage, chunk=True)
+        yield rs.completion_body(header, [], usage, include_usage)

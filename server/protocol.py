@@ -10,9 +10,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+)
 
-Number = StrictFloat | StrictInt
+# Integers that reach torch (a generator seed, a top_k tensor, a penalty the logits are divided by)
+# must fit int64: a larger one raises inside the engine step, which fails the engine loop and with
+# it every request.
+Int64 = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
+Number = StrictFloat | Int64
 TokenIds = list[StrictInt]
 
 
@@ -34,6 +47,13 @@ class OtherPart(Request):
 
     type: StrictStr
 
+    @field_validator("type")
+    @classmethod
+    def _not_text(cls, value: str) -> str:
+        if value == "text":  # a text part that failed TextPart (no "text" string) must not pass here
+            raise ValueError("a content part of type 'text' needs a 'text' string")
+        return value
+
 
 class ChatMessage(Request):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
@@ -52,14 +72,14 @@ class SamplingFields(Request):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = None
+    seed: Int64 | None = None
     presence_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
     logit_bias: dict[StrictStr, Annotated[Number, Field(ge=-100, le=100)]] | None = None
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     user: StrictStr | None = None
     # Extensions that vLLM and llama.cpp servers accept too.
-    top_k: StrictInt | None = None
+    top_k: Int64 | None = None
     min_p: Annotated[Number, Field(ge=0, le=1)] | None = None
     repetition_penalty: Annotated[Number, Field(gt=0)] | None = None
     ignore_eos: StrictBool = False
@@ -80,7 +100,7 @@ class ChatCompletionRequest(SamplingFields):
     function_call: Any = None
     response_format: dict[str, Any] | None = None
     audio: Any = None
-    modalities: list[Any] | None = None
+    modalities: list[StrictStr] | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -94,7 +114,7 @@ class CompletionRequest(SamplingFields):
 class TokenizeRequest(Request):
     model: StrictStr | None = None
     prompt: StrictStr | None = None
-    messages: list[ChatMessage] | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_special_tokens: StrictBool = True
     add_generation_prompt: StrictBool = True
 

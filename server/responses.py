@@ -151,8 +151,10 @@ def completion_choice(
 
 
 def completion_body(
-    header: Header, choices: list[dict], usage_value: dict | None, chunk: bool = False
+    header: Header, choices: list[dict], usage_value: dict | None, with_usage: bool = True
 ) -> dict:
+    """A completion, or a streamed chunk of one: chunks carry "usage" (null until the last one)
+    only when the client asked for stream_options.include_usage, as OpenAI's do."""
     body = {
         "id": header.id,
         "object": "text_completion",
@@ -161,7 +163,7 @@ def completion_body(
         "system_fingerprint": header.system_fingerprint,
         "choices": choices,
     }
-    if usage_value is not None or not chunk:
+    if with_usage:
         body["usage"] = usage_value
     return body
 

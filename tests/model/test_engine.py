@@ -190,3 +190,14 @@ def test_abort_frees_every_block(llm_fast):
 def test_max_model_len_beyond_the_model_is_rejected():
     with pytest.raises(ValueError, match="max_model_len 100000 exceeds the model's context length of 8192"):
         LLM(max_model_len=100_000)
+
+
+def test_without_max_tokens_a_pool_smaller_than_the_context_bounds_the_request():
+    llm = LLM(num_kv_blocks=4, block_size=16)  # 64 tokens of KV, context 8192
+    out = llm.generate([[1] * 10], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 64 - 10
+    assert out[0].outputs[0].finish_reason == "length"
+    with pytest.raises(ValueError, match="needs 5 KV blocks but the pool has 4"):
+        llm.generate([[1] * 10], SamplingParams(max_tokens=60))
+    with pytest.raises(ValueError, match="leaves no room in the KV cache of 64 tokens"):
+        llm.generate([[1] * 64], SamplingParams(max_tokens=None))
