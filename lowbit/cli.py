@@ -100,7 +100,6 @@ def serve(
 
     from lowbit.default_model import default_model_path
     from lowbit.runtime.config import EngineConfig
-    from lowbit.runtime.engine import Engine
     from lowbit.server.app import build_app
     from lowbit.server.async_engine import AsyncEngine
 
@@ -111,12 +110,13 @@ def serve(
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             quantization=quantization, kv_cache_memory=kv_cache_memory,
         )  # fmt: skip
-        engine = Engine(config)
+        async_engine = AsyncEngine.from_config(config, max_pending=max(4 * max_num_seqs, 64))
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     names = served_model_name or [Path(model or default_model_path()).name.removesuffix(".gguf")]
-    app_ = build_app(AsyncEngine(engine, max_pending=max(4 * max_num_seqs, 64)), names, api_key)
+    engine = async_engine.engine
+    app_ = build_app(async_engine, names, api_key)
     spec = engine.kv_spec
     typer.echo(
         f"serving {names[0]} ({engine.dtype}, KV cache {spec.dtype} x "
