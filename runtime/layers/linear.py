@@ -37,7 +37,7 @@ class FusedLinear(nn.Module):
         super().__init__()
         parts = [_as_quantized(w) for w in weights]
         self.sizes = [w.out_features for w in parts]
-        if all(w.config == parts[0].config for w in parts):
+        if QuantizedWeight.can_concat(parts):
             self.parts = nn.ModuleList([Linear(QuantizedWeight.concat_rows(parts), device, dtype)])
         else:
             self.parts = nn.ModuleList([Linear(w, device, dtype) for w in parts])

@@ -7,12 +7,14 @@ import torch
 from .base import PackedLinear, QuantConfig, QuantizedWeight, QuantLinearMethod
 from .dense import DenseConfig, DenseMethod, dense_weight
 from .w4a16 import W4A16Config, W4A16Method
+from .w8a8 import W8A8Config, W8A8Method
 from .w8a16 import W8A16Config, W8A16Method
 
 _METHODS: dict[type[QuantConfig], type[QuantLinearMethod]] = {
     DenseConfig: DenseMethod,
     W4A16Config: W4A16Method,
     W8A16Config: W8A16Method,
+    W8A8Config: W8A8Method,
 }
 
 
@@ -40,6 +42,7 @@ __all__ = [
     "QuantLinearMethod",
     "QuantizedWeight",
     "W4A16Config",
+    "W8A8Config",
     "W8A16Config",
     "WeightLike",
     "dense_weight",

@@ -34,12 +34,18 @@ class TensorSpec:
     dtype: torch.dtype
 
 
+# Canonical tensors indexed by input feature rather than output row (GPTQ act-order's column order):
+# row selection keeps them whole, and fusing needs them equal.
+COLUMN_TENSORS = frozenset({"perm"})
+
+
 @dataclass(frozen=True, eq=False)
 class QuantizedWeight:
     """A linear weight [out_features, in_features] in the canonical layout of `config`'s scheme.
 
-    Every canonical tensor is row-major over output features, so selecting or concatenating
-    output rows is exact on packed data (used to undo GGUF's q/k permutation and to fuse q/k/v).
+    Every canonical tensor but those in COLUMN_TENSORS is row-major over output features, so
+    selecting or concatenating output rows is exact on packed data (used to undo GGUF's q/k
+    permutation and to fuse q/k/v).
     """
 
     config: QuantConfig
@@ -48,15 +54,33 @@ class QuantizedWeight:
     tensors: Mapping[str, torch.Tensor]
 
     def select_rows(self, index: torch.Tensor) -> QuantizedWeight:
-        tensors = {name: t[index].contiguous() for name, t in self.tensors.items()}
+        tensors = {
+            name: t if name in COLUMN_TENSORS else t[index].contiguous() for name, t in self.tensors.items()
+        }
         return QuantizedWeight(self.config, len(index), self.in_features, tensors)
 
     @staticmethod
-    def concat_rows(weights: Sequence[QuantizedWeight]) -> QuantizedWeight:
+    def can_concat(weights: Sequence[QuantizedWeight]) -> bool:
+        """Same scheme, same inputs, and the same per-input-column tensors (e.g. act-order)."""
         first = weights[0]
-        if any(w.config != first.config or w.in_features != first.in_features for w in weights):
-            raise ValueError("only weights with the same scheme and in_features can be fused")
-        tensors = {name: torch.cat([w.tensors[name] for w in weights]) for name in first.tensors}
+        return all(
+            w.config == first.config
+            and w.in_features == first.in_features
+            and all(torch.equal(w.tensors[n], first.tensors[n]) for n in COLUMN_TENSORS & set(first.tensors))
+            for w in weights
+        )
+
+    @staticmethod
+    def concat_rows(weights: Sequence[QuantizedWeight]) -> QuantizedWeight:
+        if not QuantizedWeight.can_concat(weights):
+            raise ValueError("only weights with the same scheme, inputs and column order can be fused")
+        first = weights[0]
+        tensors = {
+            name: first.tensors[name]
+            if name in COLUMN_TENSORS
+            else torch.cat([w.tensors[name] for w in weights])
+            for name in first.tensors
+        }
         return QuantizedWeight(first.config, sum(w.out_features for w in weights), first.in_features, tensors)
 
 

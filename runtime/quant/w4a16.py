@@ -13,9 +13,12 @@ from .base import DequantizedKernel, LinearKernel, QuantConfig, QuantLinearMetho
 
 @dataclass(frozen=True)
 class W4A16Config(QuantConfig):
-    """group_size: input features sharing one scale and min (32 for GGUF Q4_0/Q4_1)."""
+    """group_size: input features sharing one scale and min (32 for GGUF Q4_0/Q4_1).
+    act_order: GPTQ's desc_act. The canonical tensors then hold the input columns in the order
+    `perm` gives (groups are contiguous in that order), and kernels read x[..., perm]."""
 
     group_size: int = 128
+    act_order: bool = False
     name = "w4a16"
 
     def __post_init__(self) -> None:
@@ -38,9 +41,14 @@ class CpuInt4PackKernel(LinearKernel):
         packed, scales_and_zeros = k4.pack_w4a16_cpu(
             tensors["qweight"], tensors["scales"], tensors["mins"], self.dtype
         )
-        return {"qweight": packed, "scales_and_zeros": scales_and_zeros}
+        out = {"qweight": packed, "scales_and_zeros": scales_and_zeros}
+        if self.config.act_order:
+            out["perm"] = tensors["perm"].to(self.device)
+        return out
 
     def apply(self, x, packed):
+        if self.config.act_order:
+            x = x.index_select(-1, packed["perm"])
         return k4.w4a16_matmul_cpu(x, packed["qweight"], packed["scales_and_zeros"], self.config.group_size)
 
 
@@ -52,13 +60,22 @@ class W4A16Method(QuantLinearMethod):
         if in_features % group:
             raise ValueError(f"w4a16: in_features {in_features} is not a multiple of group size {group}")
         groups = in_features // group
-        return {
+        specs = {
             "qweight": TensorSpec((out_features, in_features // 2), torch.uint8),
             "scales": TensorSpec((out_features, groups), torch.float32),
             "mins": TensorSpec((out_features, groups), torch.float32),
         }
+        if self.config.act_order:
+            specs["perm"] = TensorSpec((in_features,), torch.int64)
+        return specs
 
     def dequantize(self, tensors):
-        return k4.dequantize_w4a16_ref(
+        """fp32 [N, K] in the original column order."""
+        w = k4.dequantize_w4a16_ref(
             tensors["qweight"], tensors["scales"], tensors["mins"], self.config.group_size
         )
+        if not self.config.act_order:
+            return w
+        unpermuted = torch.empty_like(w)
+        unpermuted[:, tensors["perm"]] = w  # column j of the stored form is input feature perm[j]
+        return unpermuted

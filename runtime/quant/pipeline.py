@@ -1,0 +1,287 @@
+"""Quantize a whole model: load it dense (dequantizing a GGUF if need be), calibrate layer by layer
+on an HF transformers Llama, and return a `Checkpoint` whose decoder projections are canonical
+`QuantizedWeight`s, ready for `loaders.writer.write_checkpoint` or for the engine.
+
+Methods: rtn (no calibration), gptq, awq (4-bit weight-only) and smoothquant (W8A8).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from lowbit.loaders import load_checkpoint
+from lowbit.loaders.base import Checkpoint
+from lowbit.loaders.hf_config import to_hf_config
+
+from . import QuantizedWeight, method_for
+from .awq import search_scales
+from .calibration import calibration_samples, first_layer_inputs, run_layer, watch_inputs
+from .gptq import Hessian, gptq_quantize
+from .rtn import quantize_w4a16_rtn, quantize_w8a8_rtn, quantize_w8a16_rtn
+from .smoothquant import smoothing_factors
+
+METHODS = ("rtn", "gptq", "awq", "smoothquant")
+ATTENTION = ("q_proj", "k_proj", "v_proj")
+MLP_IN = ("gate_proj", "up_proj")
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """bits/activations pick the scheme: 4/16 -> W4A16, 8/16 -> W8A16 (rtn), 8/8 -> W8A8."""
+
+    method: str = "rtn"
+    bits: int = 4
+    activations: int = 16
+    group_size: int = 128
+    symmetric: bool = False
+    act_order: bool = False
+    alpha: float = 0.5  # smoothquant migration strength
+    num_samples: int = 128
+    seq_len: int = 512
+    batch_size: int = 8
+    damp: float = 0.01  # gptq dampening, share of the mean Hessian diagonal
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        scheme = (self.bits, self.activations)
+        allowed = {
+            "rtn": {(4, 16), (8, 16), (8, 8)},
+            "gptq": {(4, 16)},
+            "awq": {(4, 16)},
+            "smoothquant": {(8, 8)},
+        }
+        if scheme not in allowed[self.method]:
+            raise ValueError(
+                f"{self.method} supports bits/activations {sorted(allowed[self.method])}, got {scheme}"
+            )
+        if self.group_size != -1 and (self.group_size < 2 or self.group_size % 2):
+            raise ValueError(f"group_size must be -1 or an even number >= 2, got {self.group_size}")
+        if self.act_order and self.method != "gptq":
+            raise ValueError("act_order is a GPTQ option")
+        if self.num_samples < 1 or self.seq_len < 2 or self.batch_size < 1:
+            raise ValueError("num_samples, seq_len and batch_size must be positive (seq_len >= 2)")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "rtn"
+
+
+# ---------------------------------------------------------------------- the dense model
+
+
+def hf_model(checkpoint: Checkpoint) -> nn.Module:
+    """An fp32 transformers LlamaForCausalLM holding the checkpoint's weights, dequantized."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if "rope_freqs" in checkpoint.weights:
+        raise ValueError("models with GGUF rope_freqs factors cannot be re-quantized yet")
+    config = LlamaConfig(
+        **{k: v for k, v in to_hf_config(checkpoint.config, "float32").items() if k != "rope_scaling"}
+    )
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    state = {name: _dense(w) for name, w in checkpoint.weights.items()}
+    if checkpoint.config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, assign=True, strict=True)
+    model.tie_weights()
+    rotary = model.model.rotary_emb  # built on meta: rebuild its buffers on the CPU
+    model.model.rotary_emb = type(rotary)(config=config)
+    return model.float().eval()
+
+
+def _dense(weight) -> torch.Tensor:
+    if isinstance(weight, torch.Tensor):
+        return weight.float()
+    return method_for(weight.config).dequantize(weight.tensors).float()
+
+
+# ---------------------------------------------------------------------- per-layer methods
+
+
+def _linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    return {
+        **{n: getattr(layer.self_attn, n) for n in (*ATTENTION, "o_proj")},
+        **{n: getattr(layer.mlp, n) for n in (*MLP_IN, "down_proj")},
+    }
+
+
+def _rtn(weight: torch.Tensor, opts: QuantizeOptions) -> QuantizedWeight:
+    if opts.activations == 8:
+        return quantize_w8a8_rtn(weight)
+    if opts.bits == 8:
+        return quantize_w8a16_rtn(weight)
+    return quantize_w4a16_rtn(weight, opts.group_size, opts.symmetric)
+
+
+def _quantize_rtn(layer: nn.Module, inputs, kwargs, opts: QuantizeOptions) -> dict[str, QuantizedWeight]:
+    return {name: _rtn(linear.weight.data, opts) for name, linear in _linears(layer).items()}
+
+
+def _quantize_gptq(layer: nn.Module, inputs, kwargs, opts: QuantizeOptions) -> dict[str, QuantizedWeight]:
+    linears = _linears(layer)
+    # q/k/v and gate/up see the same inputs, so they share one Hessian each.
+    watched = {"q_proj": linears["q_proj"], "o_proj": linears["o_proj"], "gate_proj": linears["gate_proj"],
+               "down_proj": linears["down_proj"]}  # fmt: skip
+    hessians = {name: Hessian(m.in_features) for name, m in watched.items()}
+    with watch_inputs(watched, lambda name, x: hessians[name].add(x)):
+        run_layer(layer, inputs, kwargs)
+    source = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+    return {
+        name: gptq_quantize(
+            linear.weight.data,
+            hessians[source.get(name, name)].matrix,
+            opts.group_size,
+            opts.symmetric,
+            opts.act_order,
+            opts.damp,
+        )
+        for name, linear in linears.items()
+    }
+
+
+class _Samples:
+    """Keeps the first `limit` input rows each watched module sees, and their per-channel abs max."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.rows: dict[str, list[torch.Tensor]] = {}
+        self.absmax: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, x: torch.Tensor) -> None:
+        kept = self.rows.setdefault(name, [])
+        room = self.limit - sum(len(r) for r in kept)
+        if room > 0:
+            kept.append(x[:room].clone())
+        top = x.abs().amax(dim=0)
+        self.absmax[name] = torch.maximum(self.absmax[name], top) if name in self.absmax else top
+
+    def x(self, name: str) -> torch.Tensor:
+        return torch.cat(self.rows[name])
+
+
+def _collect(layer: nn.Module, inputs, kwargs, limit: int) -> _Samples:
+    linears = _linears(layer)
+    samples = _Samples(limit)
+    watched = {n: linears[n] for n in ("q_proj", "gate_proj", "down_proj")}
+    with watch_inputs(watched, samples):
+        run_layer(layer, inputs, kwargs)
+    return samples
+
+
+@torch.no_grad()
+def _fold(layer: nn.Module, scales: dict[str, torch.Tensor]) -> None:
+    """Divide each input group's producer by s and multiply its consumers' columns by s: the float
+    layer computes exactly the same function afterwards."""
+    attn, mlp = layer.self_attn, layer.mlp
+    groups = {
+        "q_proj": (layer.input_layernorm.weight, [attn.q_proj, attn.k_proj, attn.v_proj]),
+        "gate_proj": (layer.post_attention_layernorm.weight, [mlp.gate_proj, mlp.up_proj]),
+    }
+    for key, (norm_weight, consumers) in groups.items():
+        s = scales[key]
+        norm_weight.div_(s)
+        for linear in consumers:
+            linear.weight.mul_(s)
+    s = scales["down_proj"]  # down's input is act(gate) * up: linear in up's output rows
+    mlp.up_proj.weight.div_(s[:, None])
+    mlp.down_proj.weight.mul_(s)
+
+
+def _group_weights(layer: nn.Module) -> dict[str, list[torch.Tensor]]:
+    linears = _linears(layer)
+    return {
+        "q_proj": [linears[n].weight.data for n in ATTENTION],
+        "gate_proj": [linears[n].weight.data for n in MLP_IN],
+        "down_proj": [linears["down_proj"].weight.data],
+    }
+
+
+def _quantize_awq(layer: nn.Module, inputs, kwargs, opts: QuantizeOptions) -> dict[str, QuantizedWeight]:
+    samples = _collect(layer, inputs, kwargs, limit=4096)
+    group = opts.group_size if opts.group_size != -1 else None
+    scales = {
+        key: search_scales(samples.x(key), weights, group or weights[0].shape[1], opts.symmetric)
+        for key, weights in _group_weights(layer).items()
+    }
+    _fold(layer, scales)
+    return _quantize_rtn(layer, inputs, kwargs, opts)
+
+
+def _quantize_smoothquant(
+    layer: nn.Module, inputs, kwargs, opts: QuantizeOptions
+) -> dict[str, QuantizedWeight]:
+    samples = _collect(layer, inputs, kwargs, limit=0)
+    scales = {
+        key: smoothing_factors(samples.absmax[key], weights, opts.alpha)
+        for key, weights in _group_weights(layer).items()
+    }
+    _fold(layer, scales)
+    return _quantize_rtn(layer, inputs, kwargs, opts)
+
+
+_LAYER_METHODS: dict[str, Callable] = {
+    "rtn": _quantize_rtn,
+    "gptq": _quantize_gptq,
+    "awq": _quantize_awq,
+    "smoothquant": _quantize_smoothquant,
+}
+
+
+# ---------------------------------------------------------------------- the whole model
+
+
+@torch.no_grad()
+def _set_quantized(layer: nn.Module, quantized: dict[str, QuantizedWeight]) -> None:
+    """Put the quantized weights, dequantized, into the float layer, so the next layer is
+    calibrated on the outputs it will really get."""
+    for name, linear in _linears(layer).items():
+        qw = quantized[name]
+        linear.weight.copy_(method_for(qw.config).dequantize(qw.tensors))
+
+
+def quantize_model(
+    source: str | Checkpoint,
+    opts: QuantizeOptions,
+    calibration_text: str | None = None,
+    progress: bool = True,
+) -> Checkpoint:
+    """The model at `source` (GGUF or HF dir, or a loaded Checkpoint) quantized by `opts`."""
+    from tqdm.auto import tqdm
+
+    checkpoint = load_checkpoint(source) if not isinstance(source, Checkpoint) else source
+    model = hf_model(checkpoint)
+    layers = model.model.layers
+    inputs, kwargs = [], {}
+    if opts.needs_calibration:
+        if calibration_text is None:
+            from lowbit.text_data import standard_text
+
+            calibration_text = standard_text("c4")
+        samples = calibration_samples(
+            checkpoint.tokenizer, calibration_text, opts.num_samples, opts.seq_len, opts.seed
+        )
+        inputs, kwargs = first_layer_inputs(model, samples, opts.batch_size)
+    quantized: dict[str, QuantizedWeight] = {}
+    method = _LAYER_METHODS[opts.method]
+    for i, layer in enumerate(tqdm(layers, desc=f"{opts.method} layers", disable=not progress)):
+        layer_weights = method(layer, inputs, kwargs, opts)
+        _set_quantized(layer, layer_weights)
+        if opts.needs_calibration:
+            inputs = run_layer(layer, inputs, kwargs)
+        prefix = f"model.layers.{i}."
+        for name, qw in layer_weights.items():
+            part = "self_attn" if name in (*ATTENTION, "o_proj") else "mlp"
+            quantized[f"{prefix}{part}.{name}.weight"] = qw
+    weights = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and checkpoint.config.tie_word_embeddings:
+            continue
+        weights[name] = quantized.get(name, tensor.detach().clone())
+    return replace(checkpoint, weights=weights, source=f"{checkpoint.source} ({opts.method})")
