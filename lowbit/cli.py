@@ -132,5 +132,99 @@ def _exit_cleanly(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
+@app.command()
+def quantize(
+    model: ModelArg = None,
+    output: Annotated[str, typer.Option("--output", "-o", help="Directory to write.")] = "quantized",
+    method: Annotated[str, typer.Option(help="rtn, gptq, awq or smoothquant.")] = "gptq",
+    bits: Annotated[int, typer.Option(help="4 (W4A16) or 8 (W8A16, or W8A8 with --activations 8).")] = 4,
+    activations: Annotated[int, typer.Option(help="16 (weight-only) or 8 (W8A8).")] = 16,
+    group_size: Annotated[int, typer.Option(help="Input features per scale; -1 is per channel.")] = 128,
+    symmetric: Annotated[
+        bool, typer.Option("--sym/--asym", help="int4 zero point fixed at 8, or per group.")
+    ] = True,
+    act_order: Annotated[bool, typer.Option(help="GPTQ: quantize columns by decreasing Hessian.")] = False,
+    alpha: Annotated[float, typer.Option(help="SmoothQuant migration strength.")] = 0.5,
+    format: Annotated[str, typer.Option(help="gptq, gptq_v2, awq, compressed-tensors or safetensors.")] = "",
+    calibration: Annotated[str | None, typer.Option(help="Text file; default: exllamav2's c4 set.")] = None,
+    num_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+) -> None:
+    """Quantize a model (GGUF or HF dir) and write it in a standard format."""
+    from pathlib import Path
+
+    from lowbit.default_model import default_model_path
+    from lowbit.loaders.writer import write_checkpoint
+    from lowbit.runtime.quant.pipeline import QuantizeOptions, quantize_model
+
+    fmt = format or ("compressed-tensors" if activations == 8 or bits == 8 else "gptq")
+    try:
+        opts = QuantizeOptions(
+            method, bits, activations, group_size, symmetric, act_order, alpha, num_samples, seq_len
+        )  # fmt: skip
+        text = Path(calibration).read_text(encoding="utf-8") if calibration else None
+        checkpoint = quantize_model(model or str(default_model_path()), opts, calibration_text=text)
+        out = write_checkpoint(checkpoint, output, fmt)
+    except (ValueError, OSError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {fmt} checkpoint to {out}")
+
+
+@app.command("eval")
+def eval_(
+    model: ModelArg = None,
+    scheme: Annotated[
+        list[str] | None,
+        typer.Option(help="Schemes to compare (repeat); default: all. 'reference' = as loaded."),
+    ] = None,
+    group_size: Annotated[int, typer.Option(help="Group size of the 4-bit schemes.")] = 128,
+    num_samples: Annotated[int, typer.Option(help="Calibration windows (c4).")] = 128,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+    windows: Annotated[int, typer.Option(help="Perplexity windows of wiki text.")] = 16,
+    window_len: Annotated[int, typer.Option(help="Tokens per perplexity window.")] = 512,
+    dtype: Annotated[
+        str, typer.Option(help="Compute dtype; float32 isolates quantization error.")
+    ] = "float32",
+) -> None:
+    """Perplexity on fixed windows of wiki text and memory footprint, per quantization scheme."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from lowbit.eval_report import run, schemes
+    from lowbit.text_data import standard_text
+
+    known = schemes(group_size, num_samples, seq_len)
+    names = scheme or list(known)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        typer.echo(f"error: unknown scheme(s) {unknown}; known: {list(known)}", err=True)
+        raise typer.Exit(2)
+    wiki = standard_text("wiki")
+    console = Console(highlight=False)
+    console.print(
+        f"perplexity over {windows} consecutive windows of {window_len} tokens from the start of exllamav2's "
+        f"wiki.utf8; compute {dtype}; calibration: {num_samples} x {seq_len} tokens of c4"
+    )
+    table = Table("scheme", "perplexity", "vs reference", "weights MiB", "KV MiB / 1k tokens")
+    reference: list[float] = []
+
+    def show(r) -> None:
+        if not reference:
+            reference.append(r.perplexity)
+        delta = f"{(r.perplexity / reference[0] - 1) * 100:+.2f}%"
+        table.add_row(r.name, f"{r.perplexity:.3f}", delta, f"{r.weights_bytes / 2**20:.1f}",
+                      f"{r.kv_bytes_per_1k_tokens / 2**20:.2f}")  # fmt: skip
+        console.print(f"{r.name}: perplexity {r.perplexity:.3f} ({delta})")
+
+    try:
+        run(model, [known[n] for n in names], lambda e: e.tokenizer.encode(wiki[: 12 * window_len * windows]),
+            window_len, windows, dtype, show)  # fmt: skip
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    console.print(table)
+
+
 if __name__ == "__main__":
     app()
