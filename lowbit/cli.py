@@ -178,7 +178,10 @@ def eval_(
         list[str] | None,
         typer.Option(help="Schemes to compare (repeat); default: all. 'reference' = as loaded."),
     ] = None,
-    group_size: Annotated[int, typer.Option(help="Group size of the 4-bit schemes.")] = 128,
+    group_size: Annotated[
+        int | None,
+        typer.Option(help="Group size of the 4-bit schemes; default: 128 or the largest that fits."),
+    ] = None,
     num_samples: Annotated[int, typer.Option(help="Calibration windows (c4).")] = 128,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
     windows: Annotated[int, typer.Option(help="Perplexity windows of wiki text.")] = 16,
@@ -191,9 +194,17 @@ def eval_(
     from rich.console import Console
     from rich.table import Table
 
-    from lowbit.eval_report import run, schemes
+    from lowbit.default_model import default_model_path
+    from lowbit.eval_report import fitting_group_size, run, schemes
+    from lowbit.loaders import load_checkpoint
     from lowbit.text_data import standard_text
 
+    try:
+        source = load_checkpoint(model or default_model_path())
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    group_size = group_size or fitting_group_size(source.config)
     known = schemes(group_size, num_samples, seq_len)
     names = scheme or list(known)
     unknown = [n for n in names if n not in known]
@@ -204,7 +215,8 @@ def eval_(
     console = Console(highlight=False)
     console.print(
         f"perplexity over {windows} consecutive windows of {window_len} tokens from the start of exllamav2's "
-        f"wiki.utf8; compute {dtype}; calibration: {num_samples} x {seq_len} tokens of c4"
+        f"wiki.utf8; compute {dtype}; calibration: {num_samples} x {seq_len} tokens of c4; "
+        f"weights and KV memory as served (default dtype, packed)"
     )
     table = Table("scheme", "perplexity", "vs reference", "weights MiB", "KV MiB / 1k tokens")
     reference: list[float] = []
@@ -217,9 +229,11 @@ def eval_(
                       f"{r.kv_bytes_per_1k_tokens / 2**20:.2f}")  # fmt: skip
         console.print(f"{r.name}: perplexity {r.perplexity:.3f} ({delta})")
 
+    def token_ids(engine) -> list[int]:
+        return engine.tokenizer.encode(wiki[: 12 * window_len * windows])
+
     try:
-        run(model, [known[n] for n in names], lambda e: e.tokenizer.encode(wiki[: 12 * window_len * windows]),
-            window_len, windows, dtype, show)  # fmt: skip
+        run(source, [known[n] for n in names], token_ids, window_len, windows, dtype, show)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

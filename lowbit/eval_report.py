@@ -6,11 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lowbit.loaders import load_checkpoint
 from lowbit.loaders.base import Checkpoint
-from lowbit.runtime.config import EngineConfig
+from lowbit.runtime.config import EngineConfig, ModelConfig
 from lowbit.runtime.engine import Engine
-from lowbit.runtime.evaluate import EvalResult, evaluate
+from lowbit.runtime.evaluate import EvalResult, perplexity, weights_bytes
 from lowbit.runtime.quant.pipeline import QuantizeOptions, quantize_model
 
 
@@ -42,7 +41,7 @@ def schemes(group_size: int, num_samples: int, seq_len: int) -> dict[str, Scheme
 
 
 def run(
-    model: str | None,
+    source: Checkpoint,
     chosen: list[Scheme],
     token_ids_for: Callable[[Engine], list[int]],
     window: int,
@@ -50,18 +49,35 @@ def run(
     dtype: str,
     on_result: Callable[[EvalResult], None] = lambda r: None,
 ) -> list[EvalResult]:
-    from lowbit.default_model import default_model_path
-
-    source = load_checkpoint(model or default_model_path())
     results = []
     for scheme in chosen:
         checkpoint: Checkpoint = quantize_model(source, scheme.options) if scheme.options else source
-        engine = Engine(
-            EngineConfig(dtype=dtype, kv_cache_dtype=scheme.kv_cache_dtype, kv_cache_memory=256 << 20),
-            checkpoint=checkpoint,
-        )
-        result = evaluate(engine, scheme.name, token_ids_for(engine), window, num_windows)
+        engine = _engine(checkpoint, dtype, scheme.kv_cache_dtype)
+        ppl, tokens = perplexity(engine, token_ids_for(engine), window, num_windows)
+        del engine
+        # Memory is what serving the scheme costs: the default (packed) engine, not the float32 one
+        # that may hold dequantized copies to isolate quantization error.
+        served = _engine(checkpoint, "auto", scheme.kv_cache_dtype)
+        kv_per_1k = served.kv_spec.bytes_per_token() * 1000
+        result = EvalResult(scheme.name, ppl, tokens, weights_bytes(served), kv_per_1k)
+        del served
         results.append(result)
         on_result(result)
-        del engine
     return results
+
+
+def _engine(checkpoint: Checkpoint, dtype: str, kv_cache_dtype: str) -> Engine:
+    config = EngineConfig(dtype=dtype, kv_cache_dtype=kv_cache_dtype, kv_cache_memory=256 << 20)
+    return Engine(config, checkpoint=checkpoint)
+
+
+def fitting_group_size(config: ModelConfig, preferred: int = 128) -> int:
+    """The largest power-of-two group size <= `preferred` dividing every projection's in_features
+    (SmolLM2's hidden size 576 takes 64, not the usual 128); -1 (per channel) if none does."""
+    sizes = (config.hidden_size, config.intermediate_size, config.num_heads * config.head_dim)
+    size = preferred
+    while size >= 32:
+        if all(k % size == 0 for k in sizes):
+            return size
+        size //= 2
+    return -1

@@ -56,9 +56,3 @@ def weights_bytes(engine: Engine) -> int:
     for p in model.parameters():
         add(p)
     return total
-
-
-def evaluate(engine: Engine, name: str, token_ids: list[int], window: int, num_windows: int) -> EvalResult:
-    ppl, tokens = perplexity(engine, token_ids, window, num_windows)
-    kv = engine.kv_spec.bytes_per_token() * 1000
-    return EvalResult(name, ppl, tokens, weights_bytes(engine), kv)

@@ -24,10 +24,10 @@ def calibration_samples(
 ) -> torch.Tensor:
     """num_samples windows of seq_len tokens at random (seeded) offsets in `text`: [S, L]."""
     ids = tokenizer.encode(text, add_special_tokens=False)
-    if len(ids) < seq_len + 1:
+    if len(ids) < seq_len:
         raise ValueError(f"calibration text has {len(ids)} tokens, fewer than seq_len {seq_len}")
     rng = random.Random(seed)
-    starts = [rng.randrange(0, len(ids) - seq_len) for _ in range(num_samples)]
+    starts = [rng.randrange(0, len(ids) - seq_len + 1) for _ in range(num_samples)]
     return torch.tensor([ids[s : s + seq_len] for s in starts])
 
 

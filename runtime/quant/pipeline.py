@@ -246,6 +246,20 @@ def _set_quantized(layer: nn.Module, quantized: dict[str, QuantizedWeight]) -> N
         linear.weight.copy_(method_for(qw.config).dequantize(qw.tensors))
 
 
+def _check_group_size(checkpoint: Checkpoint, opts: QuantizeOptions) -> None:
+    """Fail before any calibration work, naming sizes that would work."""
+    if opts.bits != 4 or opts.group_size == -1:
+        return
+    c = checkpoint.config
+    sizes = sorted({c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim})
+    if any(k % opts.group_size for k in sizes):
+        fits = [g for g in (256, 128, 64, 32, 16) if all(k % g == 0 for k in sizes)]
+        raise ValueError(
+            f"group size {opts.group_size} does not divide this model's projection input sizes {sizes}; "
+            f"use one of {[*fits, -1]} (-1 is per channel)"
+        )
+
+
 def quantize_model(
     source: str | Checkpoint,
     opts: QuantizeOptions,
@@ -256,6 +270,7 @@ def quantize_model(
     from tqdm.auto import tqdm
 
     checkpoint = load_checkpoint(source) if not isinstance(source, Checkpoint) else source
+    _check_group_size(checkpoint, opts)
     model = hf_model(checkpoint)
     layers = model.model.layers
     inputs, kwargs = [], {}

@@ -1,0 +1,188 @@
+"""`lowbit quantize` and `lowbit eval` run as a user runs them (a subprocess), on a tiny random Llama
+made by transformers itself with the default model's tokenizer:
+
+- quantize writes a GPTQ directory that LLM loads and that generates, greedily, the same text as the
+  same quantization done in memory (with the fp16 the directory stores its weights and scales in);
+- bad options exit with status 2 and a one-line error, no traceback, nothing written;
+- eval prints a row per scheme whose perplexity matches transformers on the same windows with the
+  float weights (reference) and with RTN-dequantized weights (rtn-w4-g32).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lowbit import LLM
+from lowbit.loaders import load_checkpoint
+from lowbit.loaders.base import Checkpoint
+from lowbit.loaders.gguf_file import read_gguf
+from lowbit.loaders.tokenizer import tokenizer_from_gguf
+from lowbit.runtime.config import EngineConfig
+from lowbit.runtime.engine import Engine
+from lowbit.runtime.quant import QuantizedWeight, method_for
+from lowbit.runtime.quant.pipeline import QuantizeOptions, quantize_model
+from lowbit.runtime.quant.rtn import quantize_w4a16_rtn
+from lowbit.runtime.sampling_params import SamplingParams
+from lowbit.text_data import standard_text
+
+VOCAB = 49152  # the default model's tokenizer is reused, so the vocabulary must match it
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+KV = 16 << 20
+TIMEOUT = 300
+PROMPT = "The capital of France is"
+
+
+def _lowbit() -> list[str]:
+    exe = shutil.which("lowbit")
+    return [exe] if exe else [sys.executable, "-m", "lowbit.cli"]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200"}  # rich wraps tables to the terminal's width
+    return subprocess.run([*_lowbit(), *args], capture_output=True, text=True, timeout=TIMEOUT, env=env)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, default_gguf) -> tuple:
+    """A random Llama (hidden 128, intermediate 256, 2 layers) saved as an HF directory, and the
+    transformers model itself."""
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        rms_norm_eps=1e-5, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # random init leaves norms at 1; perturb them so they matter too
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    path = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(path)
+    tokenizer_from_gguf(read_gguf(default_gguf).metadata).hf.save_pretrained(path)
+    return path, model
+
+
+def _fp16(t: torch.Tensor) -> torch.Tensor:
+    return t.half().float()
+
+
+def _as_written(checkpoint: Checkpoint) -> Checkpoint:
+    """The checkpoint with what a GPTQ directory stores: fp16 dense weights, fp16 scales, the same
+    integer codes and zero points (mins = -zero * scale)."""
+    weights = {}
+    for name, weight in checkpoint.weights.items():
+        if isinstance(weight, torch.Tensor):
+            weights[name] = _fp16(weight)
+            continue
+        t = dict(weight.tensors)
+        zeros = torch.round(-t["mins"] / t["scales"])
+        t["scales"] = _fp16(t["scales"])
+        t["mins"] = -zeros * t["scales"]
+        weights[name] = QuantizedWeight(weight.config, weight.out_features, weight.in_features, t)
+    return Checkpoint(checkpoint.config, weights, checkpoint.tokenizer, "expected")
+
+
+def _greedy_in_memory(checkpoint: Checkpoint, params: SamplingParams) -> str:
+    engine = Engine(EngineConfig(dtype="float32", kv_cache_memory=KV), checkpoint)
+    engine.add_request("0", PROMPT, params)
+    text = None
+    while engine.has_unfinished():
+        for output in engine.step():
+            text = output.outputs[0].text
+    assert text is not None
+    return text
+
+
+def test_quantize_writes_a_gptq_directory_that_generates_like_the_in_memory_model(tiny, tmp_path):
+    path, _ = tiny
+    out = tmp_path / "out"
+    result = _run("quantize", str(path), "--method", "rtn", "--bits", "4", "--group-size", "32",
+                  "--format", "gptq", "-o", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"wrote gptq checkpoint to {out}" in result.stdout
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "gptq" and config["bits"] == 4 and config["group_size"] == 32
+    assert config["sym"] is True and config["desc_act"] is False  # the CLI's defaults: --sym, no act-order
+
+    in_memory = quantize_model(load_checkpoint(path), QuantizeOptions("rtn", group_size=32, symmetric=True))
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    loaded = LLM(str(out), dtype="float32", kv_cache_memory=KV).generate(PROMPT, params)[0].outputs[0]
+    assert len(loaded.token_ids) == 24
+    assert loaded.text == _greedy_in_memory(_as_written(in_memory), params)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "foo"], "method must be one of"),
+        (["--method", "rtn", "--bits", "3"], r"rtn supports bits/activations .* got \(3, 16\)"),
+        (["--method", "rtn", "--group-size", "48"], "group size 48"),  # 128 and 256 inputs
+    ],
+    ids=["method", "bits", "group-size"],
+)
+def test_bad_quantize_options_are_clear_errors(tiny, tmp_path, args, message):
+    out = tmp_path / "out"
+    result = _run("quantize", str(tiny[0]), *args, "-o", str(out))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert re.search(f"^error: .*{message}", result.stderr, re.MULTILINE), result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not out.exists()
+
+
+def _perplexity(model: LlamaForCausalLM, ids: list[int], window: int, windows: int) -> float:
+    """exp(mean NLL) over consecutive windows, each scored on its own."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, window * windows, window):
+            chunk = torch.tensor(ids[start : start + window])
+            logprobs = model(chunk[None]).logits[0, :-1].float().log_softmax(dim=-1)
+            total -= logprobs.gather(1, chunk[1:, None]).sum().item()
+            count += window - 1
+    return math.exp(total / count)
+
+
+def _with_rtn_weights(model: LlamaForCausalLM, group: int) -> LlamaForCausalLM:
+    clone = LlamaForCausalLM(model.config).eval()
+    clone.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for name, p in clone.named_parameters():
+            if name.split(".")[-2] in PROJECTIONS:
+                q = quantize_w4a16_rtn(p.data, group, symmetric=False)
+                p.copy_(method_for(q.config).dequantize(q.tensors))
+    return clone
+
+
+def test_eval_reports_each_scheme_with_the_perplexity_transformers_gets(tiny):
+    path, model = tiny
+    windows, window = 2, 64
+    result = _run("eval", str(path), "--scheme", "reference", "--scheme", "rtn-w4-g32", "--group-size", "32",
+                  "--windows", str(windows), "--window-len", str(window))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    printed = dict(re.findall(r"^(\S+): perplexity (\S+) ", result.stdout, re.MULTILINE))
+    assert set(printed) == {"reference", "rtn-w4-g32"}, result.stdout
+    table_rows = [line for line in result.stdout.splitlines() if "│" in line or "|" in line]
+    for name in printed:
+        assert any(name in row and printed[name] in row for row in table_rows), result.stdout
+
+    # The same windows of the same text (eval reads the first 12 characters per token it needs).
+    ids = load_checkpoint(path).tokenizer.encode(standard_text("wiki")[: 12 * window * windows])
+    expected = {
+        "reference": _perplexity(model, ids, window, windows),
+        "rtn-w4-g32": _perplexity(_with_rtn_weights(model, 32), ids, window, windows),
+    }
+    for name, value in expected.items():
+        got = float(printed[name])
+        assert math.isfinite(got) and got > 1
+        assert got == pytest.approx(value, rel=1e-4), name
+    assert float(printed["rtn-w4-g32"]) != float(printed["reference"])
