@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -14,7 +15,7 @@ from lowbit.runtime.kv_cache import LayerKVCache
 from lowbit.runtime.quant import WeightLike
 
 from .linear import FusedLinear, Linear
-from .rotary import RotaryEmbedding
+from .rotary import apply_rotary
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,6 +37,11 @@ class AttentionMetadata:
     def num_prefill_tokens(self) -> int:
         return self.query_start[self.num_prefills]
 
+    @cached_property
+    def decode_block_tables(self) -> torch.Tensor:
+        """[B_decode, max_blocks] int64: indexing wants int64, so convert once per step, not per layer."""
+        return self.block_tables[self.num_prefills :].long()
+
 
 def paged_attention(
     q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float
@@ -51,7 +57,7 @@ def paged_attention(
     first_decode = meta.num_prefill_tokens
     if first_decode < q.shape[0]:
         out[first_decode:] = decode_attention_cpu(
-            q[first_decode:], cache.k, cache.v, meta.block_tables[meta.num_prefills :],
+            q[first_decode:], cache.k, cache.v, meta.decode_block_tables,
             meta.context_lens[meta.num_prefills :], scale, cache.k_scale, cache.v_scale,
         )  # fmt: skip
     return out
@@ -67,7 +73,6 @@ class Attention(nn.Module):
         num_heads: int,
         num_kv_heads: int,
         head_dim: int,
-        rotary: RotaryEmbedding,
         device: torch.device,
         dtype: torch.dtype,
     ):
@@ -78,18 +83,19 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = 1.0 / math.sqrt(head_dim)
-        self.rotary = rotary
         self.dtype = dtype
 
     def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        """positions [T]; x [T, hidden] -> [T, hidden] in the compute dtype."""
+        self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, cache: LayerKVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # fmt: skip
+        """rope: the step's (cos, sin) [T, 1, D]; x [T, hidden] -> [T, hidden] in the compute dtype."""
         tokens = x.shape[0]
-        q, k, v = self.qkv(x)
-        q = self.rotary(positions, q.view(tokens, self.num_heads, self.head_dim))  # fp32
-        k = self.rotary(positions, k.view(tokens, self.num_kv_heads, self.head_dim))
-        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        heads = self.qkv.joint(x).view(tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        qk_heads = self.num_heads + self.num_kv_heads
+        # q and k heads sit side by side: one rotation for both.
+        q, k = apply_rotary(heads[:, :qk_heads], *rope).split([self.num_heads, self.num_kv_heads], dim=1)
+        v = heads[:, qk_heads:]
         kv_store_ref(k, v, cache.k, cache.v, meta.slot_mapping, cache.k_scale, cache.v_scale)
         out = paged_attention(q, cache, meta, self.scale)  # [T, H, D] fp32
         return self.o_proj(out.reshape(tokens, -1).to(self.dtype))

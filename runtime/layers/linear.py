@@ -46,3 +46,9 @@ class FusedLinear(nn.Module):
         if len(self.parts) == 1:
             return list(self.parts[0](x).split(self.sizes, dim=-1))
         return [part(x) for part in self.parts]
+
+    def joint(self, x: torch.Tensor) -> torch.Tensor:
+        """All outputs side by side: [T, sum(sizes)] (a copy only when the parts are not fused)."""
+        if len(self.parts) == 1:
+            return self.parts[0](x)
+        return torch.cat([part(x) for part in self.parts], dim=-1)

@@ -54,11 +54,18 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", torch.cat((freqs, freqs), dim=-1).cos().to(device), persistent=False)
         self.register_buffer("sin", torch.cat((freqs, freqs), dim=-1).sin().to(device), persistent=False)
 
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin fp32 [T, 1, D] for positions [T]: gathered once per step, shared by every layer."""
+        return self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """positions [T]; x [T, heads, D] -> rotated fp32 [T, heads, D]."""
-        cos = self.cos[positions][:, None, :]  # [T, 1, D]
-        sin = self.sin[positions][:, None, :]
-        x = x.float()
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+        return apply_rotary(x, *self.tables(positions))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D] (any float dtype); cos, sin [T, 1, D] -> rotated fp32 [T, heads, D]."""
+    x = x.float()
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

@@ -36,7 +36,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, w: WeightGetter, i: int, rotary, device, dtype):
+    def __init__(self, config: ModelConfig, w: WeightGetter, i: int, device, dtype):
         super().__init__()
         p = f"model.layers.{i}."
         self.input_layernorm = RMSNorm(w(p + "input_layernorm.weight"), config.rms_norm_eps, device, dtype)
@@ -48,7 +48,6 @@ class DecoderLayer(nn.Module):
             config.num_heads,
             config.num_kv_heads,
             config.head_dim,
-            rotary,
             device,
             dtype,
         )
@@ -63,9 +62,9 @@ class DecoderLayer(nn.Module):
             dtype,
         )
 
-    def forward(self, positions, hidden, residual, cache: LayerKVCache, meta: AttentionMetadata):
+    def forward(self, rope, hidden, residual, cache: LayerKVCache, meta: AttentionMetadata):
         x, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, x, cache, meta)
+        hidden = self.self_attn(rope, x, cache, meta)
         x, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(x), residual
 
@@ -105,9 +104,9 @@ class LlamaForCausalLM(nn.Module):
         inv_freq = inverse_frequencies(
             config.head_dim, config.rope_theta, config.rope_scaling, w.get("rope_freqs")
         )
-        rotary = RotaryEmbedding(inv_freq, max_positions, device)
+        self.rotary = RotaryEmbedding(inv_freq, max_positions, device)
         self.layers = nn.ModuleList(
-            [DecoderLayer(config, w, i, rotary, device, dtype) for i in range(config.num_layers)]
+            [DecoderLayer(config, w, i, device, dtype) for i in range(config.num_layers)]
         )
         self.norm = RMSNorm(w("model.norm.weight"), config.rms_norm_eps, device, lm_head_dtype or dtype)
         head = embed if config.tie_word_embeddings else w("lm_head.weight")
@@ -124,7 +123,8 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions [T]; logits_indices [S] -> fp32 logits [S, vocab]."""
         hidden = self.embed_tokens(input_ids)  # fp32 [T, hidden]
         residual = None
+        rope = self.rotary.tables(positions)
         for layer, cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(positions, hidden, residual, cache, meta)
+            hidden, residual = layer(rope, hidden, residual, cache, meta)
         x, _ = self.norm(hidden[logits_indices], residual[logits_indices])
         return self.lm_head(x).float()

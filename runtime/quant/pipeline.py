@@ -298,5 +298,15 @@ def quantize_model(
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and checkpoint.config.tie_word_embeddings:
             continue
-        weights[name] = quantized.get(name, tensor.detach().clone())
+        kept = quantized.get(name)
+        weights[name] = kept if kept is not None else _unquantized(checkpoint.weights[name], tensor)
     return replace(checkpoint, weights=weights, source=f"{checkpoint.source} ({opts.method})")
+
+
+def _unquantized(source, current: torch.Tensor):
+    """A weight the method does not quantize, as the source stored it: a GGUF's Q8_0 embedding
+    stays Q8_0 and fp16 stays fp16 (the fp32 copy only served calibration). Norms that AWQ or
+    SmoothQuant folded scales into come from `current`, in the source dtype."""
+    if not isinstance(source, torch.Tensor):
+        return source  # quantized in the source (embeddings): no method changes it
+    return current.detach().to(source.dtype).clone()
