@@ -20,7 +20,7 @@ import sys
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from lowbit import LLM
 from lowbit.loaders import load_checkpoint
@@ -29,13 +29,14 @@ from lowbit.loaders.gguf_file import read_gguf
 from lowbit.loaders.tokenizer import tokenizer_from_gguf
 from lowbit.runtime.config import EngineConfig
 from lowbit.runtime.engine import Engine
-from lowbit.runtime.quant import QuantizedWeight, method_for
+from lowbit.runtime.quant import method_for
 from lowbit.runtime.quant.pipeline import QuantizeOptions, quantize_model
 from lowbit.runtime.quant.rtn import quantize_w4a16_rtn
 from lowbit.runtime.sampling_params import SamplingParams
 from lowbit.text_data import standard_text
+from tests.stored_checkpoint import as_stored_fp16
+from tests.tiny_llama import save_tiny_llama
 
-VOCAB = 49152  # the default model's tokenizer is reused, so the vocabulary must match it
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 KV = 16 << 20
 TIMEOUT = 300
@@ -56,41 +57,8 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def tiny(tmp_path_factory, default_gguf) -> tuple:
     """A random Llama (hidden 128, intermediate 256, 2 layers) saved as an HF directory, and the
     transformers model itself."""
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        rms_norm_eps=1e-5, tie_word_embeddings=False,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # random init leaves norms at 1; perturb them so they matter too
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.2)
     path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
-    tokenizer_from_gguf(read_gguf(default_gguf).metadata).hf.save_pretrained(path)
-    return path, model
-
-
-def _fp16(t: torch.Tensor) -> torch.Tensor:
-    return t.half().float()
-
-
-def _as_written(checkpoint: Checkpoint) -> Checkpoint:
-    """The checkpoint with what a GPTQ directory stores: fp16 dense weights, fp16 scales, the same
-    integer codes and zero points (mins = -zero * scale)."""
-    weights = {}
-    for name, weight in checkpoint.weights.items():
-        if isinstance(weight, torch.Tensor):
-            weights[name] = _fp16(weight)
-            continue
-        t = dict(weight.tensors)
-        zeros = torch.round(-t["mins"] / t["scales"])
-        t["scales"] = _fp16(t["scales"])
-        t["mins"] = -zeros * t["scales"]
-        weights[name] = QuantizedWeight(weight.config, weight.out_features, weight.in_features, t)
-    return Checkpoint(checkpoint.config, weights, checkpoint.tokenizer, "expected")
+    return path, save_tiny_llama(path, tokenizer_from_gguf(read_gguf(default_gguf).metadata).hf)
 
 
 def _greedy_in_memory(checkpoint: Checkpoint, params: SamplingParams) -> str:
@@ -119,7 +87,7 @@ def test_quantize_writes_a_gptq_directory_that_generates_like_the_in_memory_mode
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     loaded = LLM(str(out), dtype="float32", kv_cache_memory=KV).generate(PROMPT, params)[0].outputs[0]
     assert len(loaded.token_ids) == 24
-    assert loaded.text == _greedy_in_memory(_as_written(in_memory), params)
+    assert loaded.text == _greedy_in_memory(as_stored_fp16(in_memory), params)
 
 
 @pytest.mark.parametrize(

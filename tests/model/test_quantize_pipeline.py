@@ -20,10 +20,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from lowbit import LLM
-from lowbit.kernels.w4a16_matmul import pack_int4, unpack_int4
 from lowbit.loaders import load_checkpoint
 from lowbit.loaders.base import Checkpoint
 from lowbit.loaders.gguf_file import read_gguf
@@ -44,8 +42,9 @@ from lowbit.runtime.quant.pipeline import (
 )
 from lowbit.runtime.quant.smoothquant import smoothing_factors
 from lowbit.text_data import standard_text
+from tests.stored_checkpoint import as_stored_fp16
+from tests.tiny_llama import save_tiny_llama
 
-VOCAB = 49152  # the default model's tokenizer is reused, so the vocabulary must match it
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 KV = 16 << 20
 WINDOWS, WINDOW = 4, 64
@@ -87,21 +86,8 @@ def tokenizer(default_gguf):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tokenizer) -> tuple:
     """A random Llama saved as an HF directory, and the transformers model itself."""
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        rms_norm_eps=1e-5, tie_word_embeddings=False,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # random init leaves norms at 1; perturb them so they matter too
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.2)
     path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
-    tokenizer.hf.save_pretrained(path)
-    return path, model
+    return path, save_tiny_llama(path, tokenizer.hf)
 
 
 @pytest.fixture(scope="module")
@@ -280,42 +266,6 @@ def test_quantized_logits_stay_close_to_the_float_model(logit_errors, float_logi
 # ---------------------------------------------------------------------- write and read back
 
 
-def _fp16(t: torch.Tensor) -> torch.Tensor:
-    return t.half().float()
-
-
-def _sorted_within_groups(weight: QuantizedWeight) -> QuantizedWeight:
-    """GPTQ's g_idx says which group each input column is in, not the order GPTQ took them in:
-    the same weight with the columns of each group in increasing input-feature order."""
-    t = dict(weight.tensors)
-    group = weight.config.group_size
-    perm = t["perm"].reshape(-1, group)
-    order = perm.argsort(dim=1)
-    codes = unpack_int4(t["qweight"]).reshape(weight.out_features, -1, group)
-    codes = codes.gather(2, order[None].expand_as(codes))
-    t["perm"] = perm.gather(1, order).flatten()
-    t["qweight"] = pack_int4(codes.reshape(weight.out_features, -1))
-    return QuantizedWeight(weight.config, weight.out_features, weight.in_features, t)
-
-
-def _as_stored(checkpoint: Checkpoint) -> Checkpoint:
-    """What a directory written with fp16 dense weights and fp16 scales holds: the same integer codes
-    and zero points, fp16-rounded scales (mins = -zero * scale), fp16-rounded dense tensors."""
-    weights = {}
-    for name, weight in checkpoint.weights.items():
-        if isinstance(weight, torch.Tensor):
-            weights[name] = _fp16(weight)
-            continue
-        t = dict(weight.tensors)
-        if "mins" in t:
-            zeros = torch.round(-t["mins"] / t["scales"])
-            t["mins"] = -zeros * _fp16(t["scales"])
-        t["scales"] = _fp16(t["scales"])
-        weight = QuantizedWeight(weight.config, weight.out_features, weight.in_features, t)
-        weights[name] = _sorted_within_groups(weight) if "perm" in t else weight
-    return Checkpoint(checkpoint.config, weights, checkpoint.tokenizer, "expected")
-
-
 # Largest logit change from storing dense weights and scales in fp16, as a share of max |logit|
 # (measured: 4-bit 6e-4 to 7e-4; W8A8 0.014, since any change to the activations moves some of
 # their per-token int8 roundings, so it is of the order of W8A8's own error).
@@ -333,7 +283,7 @@ ROUND_TRIPS = [
 def test_written_checkpoint_reads_back_the_same(tmp_path, quantized, held_out, name, fmt):
     checkpoint = quantized[name]
     path = write_checkpoint(checkpoint, tmp_path / "out", fmt)
-    expected = _as_stored(checkpoint)
+    expected = as_stored_fp16(checkpoint)
     loaded = load_checkpoint(path)
     assert loaded.config == checkpoint.config and set(loaded.weights) == set(expected.weights)
     for weight_name, weight in expected.weights.items():

@@ -1,0 +1,29 @@
+"""A tiny random Llama made by transformers itself, saved as an HF directory: the independent
+reference model of the quantizer and CLI tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+VOCAB = 49152  # the default model's tokenizer is reused, so the vocabulary must match it
+
+
+def save_tiny_llama(path: Path, hf_tokenizer) -> LlamaForCausalLM:
+    """hidden 128, intermediate 256, 2 layers, GQA 4/2; returns the transformers model."""
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        rms_norm_eps=1e-5, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # random init leaves norms at 1; perturb them so they matter too
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    model.save_pretrained(path)
+    hf_tokenizer.save_pretrained(path)
+    return model
