@@ -1,9 +1,12 @@
-"""Single-stream CPU speed on one GGUF: lowbit (bf16 KV and int8 KV) beside HF transformers.
+"""Single-stream CPU speed on one GGUF: lowbit (bf16 KV and int8 KV) beside llama.cpp and HF
+transformers.
 
 Each engine runs in its own process, so load time and resident memory are its own. Per engine:
 load seconds, RSS after load, prompt processing tokens/s (a `--prompt-tokens` prompt), decode
-tokens/s (`--tokens` greedy tokens after a warm-up run), peak RSS. Ratios are against HF in the
-same run, because this machine is noisy.
+tokens/s (`--tokens` greedy tokens after a warm-up run), peak RSS. Ratios are against llama.cpp
+and HF in the same run, because this machine is noisy. llama.cpp runs through `llama-cpp-python`
+(an optional benchmark dependency: `pip install llama-cpp-python`, ~8 minutes to compile here);
+the engine is skipped with a message when it is not installed.
 
     python benchmarks/decode.py                       # default model, all engines
     python benchmarks/decode.py --engines lowbit-bf16kv lowbit-int8kv --tokens 256
@@ -12,13 +15,14 @@ same run, because this machine is noisy.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ENGINES = ("lowbit-bf16kv", "lowbit-int8kv", "hf-transformers")
+ENGINES = ("lowbit-bf16kv", "lowbit-int8kv", "llama.cpp", "hf-transformers")
 
 
 def _status_kib(field: str) -> int:
@@ -55,7 +59,13 @@ def _lowbit(model: str | None, kv: str, prompt_tokens: int, tokens: int, threads
     for _ in llm.stream(short, params):
         decode_times.append(time.perf_counter())
     decode = (len(decode_times) - 1) / (decode_times[-1] - decode_times[0])
-    return {"load_s": load, "rss_mib": rss / 1024, "prefill_tok_s": prefill, "decode_tok_s": decode}
+    # 8 concurrent streams: distinct 16-token prompts, wall time includes their short prefills.
+    prompts = [prompt[16 * i : 16 * (i + 1)] for i in range(1, 9)]
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    streams = sum(len(o.outputs[0].token_ids) for o in outputs) / (time.perf_counter() - start)
+    return {"load_s": load, "rss_mib": rss / 1024, "prefill_tok_s": prefill, "decode_tok_s": decode,
+            "decode_8_streams_tok_s": streams}  # fmt: skip
 
 
 def _hf(model: str | None, prompt_tokens: int, tokens: int, threads: int) -> dict:
@@ -86,8 +96,40 @@ def _hf(model: str | None, prompt_tokens: int, tokens: int, threads: int) -> dic
     return {"load_s": load, "rss_mib": rss / 1024, "prefill_tok_s": prefill, "decode_tok_s": decode}
 
 
+def _llama_cpp(model: str | None, prompt_tokens: int, tokens: int, threads: int) -> dict:
+    """llama.cpp's own loop: eval the prompt, then greedy sample + eval one token at a time."""
+    from llama_cpp import Llama
+
+    from lowbit.default_model import default_model_path
+
+    path = str(default_model_path() if model is None else model)
+    start = time.perf_counter()
+    llm = Llama(path, n_ctx=2048, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
+    load = time.perf_counter() - start
+    rss = _status_kib("VmRSS")
+    prompt = _prompt_ids(lambda text: llm.tokenize(text.encode(), add_bos=False), prompt_tokens)
+    llm.eval(prompt[:32])  # warm-up
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(prompt)
+    prefill = len(prompt) / (time.perf_counter() - start)
+
+    def greedy(count: int) -> float:
+        llm.reset()
+        llm.eval(prompt[:16])
+        start = time.perf_counter()
+        for _ in range(count):
+            llm.eval([llm.sample(top_k=1, temp=0.0)])
+        return count / (time.perf_counter() - start)
+
+    greedy(8)
+    return {"load_s": load, "rss_mib": rss / 1024, "prefill_tok_s": prefill, "decode_tok_s": greedy(tokens)}
+
+
 def worker(args: argparse.Namespace) -> None:
-    if args.worker == "hf-transformers":
+    if args.worker == "llama.cpp":
+        result = _llama_cpp(args.model, args.prompt_tokens, args.tokens, args.threads)
+    elif args.worker == "hf-transformers":
         result = _hf(args.model, args.prompt_tokens, args.tokens, args.threads)
     else:
         kv = "int8" if args.worker == "lowbit-int8kv" else "auto"
@@ -111,20 +153,32 @@ def main() -> None:
         return
     results = {}
     for engine in args.engines:
+        if engine == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
+            print("llama.cpp skipped: pip install llama-cpp-python", file=sys.stderr)
+            continue
         cmd = [sys.executable, __file__, "--worker", engine, "--tokens", str(args.tokens)]
         cmd += ["--prompt-tokens", str(args.prompt_tokens), "--threads", str(args.threads)]
         cmd += ["--model", args.model] if args.model else []
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         results[engine] = json.loads(out.strip().splitlines()[-1])
-    peer = results.get("hf-transformers")
+    _print_table(results)
+
+
+def _print_table(results: dict[str, dict]) -> None:
+    peers = [p for p in ("llama.cpp", "hf-transformers") if p in results]
     header = f"{'engine':<16} {'load s':>7} {'RSS MiB':>8} {'peak MiB':>9} "
-    header += f"{'prefill tok/s':>14} {'decode tok/s':>13}"
-    print(header + (f" {'decode vs HF':>13}" if peer else ""))
+    header += f"{'prefill tok/s':>14} {'decode tok/s':>13} {'8 streams tok/s':>16}"
+    for p in peers:
+        header += f" {'prefill/' + p:>22} {'decode/' + p:>21}"
+    print(header)
     for engine, r in results.items():
         line = f"{engine:<16} {r['load_s']:>7.1f} {r['rss_mib']:>8.0f} {r['peak_rss_mib']:>9.0f} "
         line += f"{r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f}"
-        if peer:
-            line += f" {r['decode_tok_s'] / peer['decode_tok_s']:>12.1f}x"
+        line += f" {r.get('decode_8_streams_tok_s', float('nan')):>16.1f}"
+        for p in peers:
+            prefill = r["prefill_tok_s"] / results[p]["prefill_tok_s"]
+            decode = r["decode_tok_s"] / results[p]["decode_tok_s"]
+            line += f" {prefill:>21.2f}x {decode:>20.2f}x"
         print(line)
 
 

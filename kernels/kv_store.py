@@ -37,11 +37,14 @@ def kv_store_ref(
     slot_mapping: torch.Tensor,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    padded: bool = True,
 ) -> None:
-    """key, value [T, Hkv, D]; slot_mapping [T] int64. Quantizes when the cache is int8."""
-    valid = slot_mapping >= 0
-    if not bool(valid.all()):
-        key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
+    """key, value [T, Hkv, D]; slot_mapping [T] int64. Quantizes when the cache is int8.
+    `padded=False` promises no -1 slots (the engine knows it on the host), sparing a device sync."""
+    if padded:
+        valid = slot_mapping >= 0
+        if not bool(valid.all()):
+            key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
     if k_cache.dtype == torch.int8:
         if k_scale is None or v_scale is None:
             raise ValueError("an int8 KV cache needs k_scale and v_scale")

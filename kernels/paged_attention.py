@@ -113,27 +113,34 @@ def decode_attention_cpu(
     scale: float,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    masked: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query per sequence, q [B, H, D]; context_lens [B] tensor -> fp32 [B, H, D].
-
     No host sync and no loop over sequences: every sequence is gathered to the batch's block-table
-    width and positions past its context are masked. int8 scales are folded into the scores (K) and
-    the probabilities (V) instead of materialising dequantized caches.
+    width and positions past its context are masked (`masked` [B, L] bool, True past the context,
+    may be passed in: it is the same for every layer of a step). int8 scales are folded into the
+    scores (K) and the probabilities (V) instead of materialising dequantized caches.
     """
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     blocks = block_tables.long()  # [B, nb]
     k = k_cache[blocks].flatten(1, 2).float()  # [B, L, Hkv, D]
     v = v_cache[blocks].flatten(1, 2).float()
-    qg = q.float().view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, Hkv, G, D]
-    scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale  # [B, Hkv, G, L]
+    qg = q.float().view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim) * scale  # [B, Hkv, G, D]
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1))  # [B, Hkv, G, L]
     if k_scale is not None:
         scores = scores * k_scale[blocks].flatten(1, 2).transpose(1, 2)[:, :, None, :]
-    length = k.shape[1]
-    masked = torch.arange(length, device=q.device)[None, :] >= context_lens[:, None].to(q.device)  # [B, L]
+    if masked is None:
+        masked = decode_padding_mask(context_lens, k.shape[1])
     scores = scores.masked_fill(masked[:, None, None, :], float("-inf"))
     probs = scores.softmax(dim=-1)
     if v_scale is not None:
         probs = probs * v_scale[blocks].flatten(1, 2).transpose(1, 2)[:, :, None, :]
-    out = torch.einsum("bhgl,blhd->bhgd", probs, v)  # [B, Hkv, G, D]
+    out = torch.matmul(probs, v.permute(0, 2, 1, 3))  # [B, Hkv, G, D]
     return out.reshape(batch, num_heads, head_dim)
+
+
+def decode_padding_mask(context_lens: torch.Tensor, length: int) -> torch.Tensor:
+    """bool [B, length]: True at cache positions past each sequence's context."""
+    positions = torch.arange(length, device=context_lens.device)
+    return positions[None, :] >= context_lens[:, None]

@@ -61,6 +61,7 @@ def prepare_inputs(
         query_start=tuple(query_start),
         context_lens_host=tuple(context_lens),
         num_prefills=batch.num_prefills,
+        has_padding=False,
     )
     return ModelInputs(tensor(input_ids), tensor(positions), meta, tensor(logits_indices))
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lowbit.kernels.kv_store import kv_store_ref
-from lowbit.kernels.paged_attention import decode_attention_cpu, prefill_attention_cpu
+from lowbit.kernels.paged_attention import decode_attention_cpu, decode_padding_mask, prefill_attention_cpu
 from lowbit.runtime.kv_cache import LayerKVCache
 from lowbit.runtime.quant import WeightLike
 
@@ -32,6 +32,7 @@ class AttentionMetadata:
     query_start: tuple[int, ...]  # B + 1 host ints: sequence b owns tokens [qs[b], qs[b + 1])
     context_lens_host: tuple[int, ...]  # context_lens on the host
     num_prefills: int
+    has_padding: bool = True  # slot_mapping may hold -1 (the engine's never does)
 
     @property
     def num_prefill_tokens(self) -> int:
@@ -42,11 +43,25 @@ class AttentionMetadata:
         """[B_decode, max_blocks] int64: indexing wants int64, so convert once per step, not per layer."""
         return self.block_tables[self.num_prefills :].long()
 
+    @cached_property
+    def _decode_masks(self) -> dict[int, torch.Tensor]:
+        return {}
+
+    def decode_mask(self, block_size: int) -> torch.Tensor:
+        """[B_decode, max_blocks * block_size] bool, True past each context; built once per step."""
+        masks = self._decode_masks
+        if block_size not in masks:
+            length = self.block_tables.shape[1] * block_size
+            masks[block_size] = decode_padding_mask(self.context_lens[self.num_prefills :], length)
+        return masks[block_size]
+
 
 def paged_attention(
     q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
     """q [T, H, D] -> fp32 [T, H, D], dispatching prefill sequences and the decode batch."""
+    if meta.num_prefills == 0:  # the common step: no staging buffer
+        return _decode(q, cache, meta, scale)
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     for b in range(meta.num_prefills):
         start, end = meta.query_start[b], meta.query_start[b + 1]
@@ -56,11 +71,15 @@ def paged_attention(
         )  # fmt: skip
     first_decode = meta.num_prefill_tokens
     if first_decode < q.shape[0]:
-        out[first_decode:] = decode_attention_cpu(
-            q[first_decode:], cache.k, cache.v, meta.decode_block_tables,
-            meta.context_lens[meta.num_prefills :], scale, cache.k_scale, cache.v_scale,
-        )  # fmt: skip
+        out[first_decode:] = _decode(q[first_decode:], cache, meta, scale)
     return out
+
+
+def _decode(q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    return decode_attention_cpu(
+        q, cache.k, cache.v, meta.decode_block_tables, meta.context_lens[meta.num_prefills :], scale,
+        cache.k_scale, cache.v_scale, masked=meta.decode_mask(cache.k.shape[1]),
+    )  # fmt: skip
 
 
 class Attention(nn.Module):
@@ -96,6 +115,7 @@ class Attention(nn.Module):
         # q and k heads sit side by side: one rotation for both.
         q, k = apply_rotary(heads[:, :qk_heads], *rope).split([self.num_heads, self.num_kv_heads], dim=1)
         v = heads[:, qk_heads:]
-        kv_store_ref(k, v, cache.k, cache.v, meta.slot_mapping, cache.k_scale, cache.v_scale)
+        kv_store_ref(k, v, cache.k, cache.v, meta.slot_mapping, cache.k_scale, cache.v_scale,
+                     padded=meta.has_padding)  # fmt: skip
         out = paged_attention(q, cache, meta, self.scale)  # [T, H, D] fp32
         return self.o_proj(out.reshape(tokens, -1).to(self.dtype))

@@ -20,6 +20,7 @@ class RMSNorm(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, hidden] (any dtype), residual [T, hidden] fp32 or None.
         Returns (normed [T, hidden] in out_dtype, new residual fp32 = x + residual)."""
-        residual = x.float() if residual is None else residual + x.float()
+        # In place: the residual is this step's own buffer; adding bf16 into fp32 needs no cast op.
+        residual = x.float() if residual is None else residual.add_(x)
         normed = F.rms_norm(residual, (residual.shape[-1],), self.weight, self.eps)
         return normed.to(self.out_dtype), residual
