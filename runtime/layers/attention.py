@@ -9,6 +9,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
+from lowbit.kernels import cpu_ops
 from lowbit.kernels.kv_store import kv_store_ref
 from lowbit.kernels.paged_attention import decode_attention_cpu, decode_padding_mask, prefill_attention_cpu
 from lowbit.runtime.kv_cache import LayerKVCache
@@ -76,6 +77,11 @@ def paged_attention(
 
 
 def _decode(q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    if (ops := cpu_ops.load()) is not None and q.is_cpu:
+        return ops.paged_decode_attention(
+            q, cache.k, cache.v, cache.k_scale, cache.v_scale, meta.decode_block_tables,
+            meta.context_lens[meta.num_prefills :], scale,
+        )  # fmt: skip
     return decode_attention_cpu(
         q, cache.k, cache.v, meta.decode_block_tables, meta.context_lens[meta.num_prefills :], scale,
         cache.k_scale, cache.v_scale, masked=meta.decode_mask(cache.k.shape[1]),

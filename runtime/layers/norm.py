@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.kernels import cpu_ops
+
 
 class RMSNorm(nn.Module):
     def __init__(self, weight: torch.Tensor, eps: float, device: torch.device, out_dtype: torch.dtype):
@@ -20,7 +22,12 @@ class RMSNorm(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, hidden] (any dtype), residual [T, hidden] fp32 or None.
         Returns (normed [T, hidden] in out_dtype, new residual fp32 = x + residual)."""
-        # In place: the residual is this step's own buffer; adding bf16 into fp32 needs no cast op.
-        residual = x.float() if residual is None else residual.add_(x)
+        if residual is None:
+            residual = x.float()
+        elif (ops := cpu_ops.load()) is not None and residual.is_cpu and x.dim() == 2:
+            # In place: the residual is this step's own fp32 buffer. One op for add, norm and cast.
+            return ops.add_rms_norm(x, residual, self.weight, self.eps, self.out_dtype), residual
+        else:
+            residual = residual.add_(x)
         normed = F.rms_norm(residual, (residual.shape[-1],), self.weight, self.eps)
         return normed.to(self.out_dtype), residual

@@ -1,0 +1,150 @@
+// Fused CPU ops for the decode step, where eager PyTorch spends more time dispatching small ops
+// than computing. Each has a torch reference it is tested against (tests/kernels/test_cpu_ops.py):
+//   add_rms_norm           -> residual += x; F.rms_norm(residual, weight) cast to out_dtype
+//   paged_decode_attention -> kernels/paged_attention.py decode_attention_cpu
+// Layouts are those documented in kernels/paged_attention.py and kernels/kv_store.py.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+template <typename T>
+inline float to_float(T v) { return static_cast<float>(v); }
+
+// residual [T, N] fp32 (updated in place), x [T, N] any float dtype, weight [N] fp32.
+torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps,
+                           torch::ScalarType out_dtype) {
+  TORCH_CHECK(residual.scalar_type() == torch::kFloat && residual.is_contiguous(), "residual: contiguous fp32");
+  TORCH_CHECK(weight.scalar_type() == torch::kFloat && weight.is_contiguous(), "weight: contiguous fp32");
+  TORCH_CHECK(x.sizes() == residual.sizes() && x.dim() == 2, "x and residual: same [T, N] shape");
+  auto xc = x.contiguous();
+  const int64_t rows = residual.size(0), n = residual.size(1);
+  auto out = torch::empty({rows, n}, residual.options().dtype(out_dtype));
+  float* res = residual.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "add_rms_norm_x", [&] {
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out_dtype, "add_rms_norm_out", [&] {
+      using out_t = scalar_t;
+      out_t* op = out.data_ptr<out_t>();
+      for (int64_t r = 0; r < rows; ++r) {
+        float* rr = res + r * n;
+        const auto* xr = xp + r * n;
+        float sum = 0.f;
+        for (int64_t i = 0; i < n; ++i) {
+          rr[i] += to_float(xr[i]);
+          sum += rr[i] * rr[i];
+        }
+        const float inv = 1.f / std::sqrt(sum / static_cast<float>(n) + static_cast<float>(eps));
+        out_t* orow = op + r * n;
+        for (int64_t i = 0; i < n; ++i) orow[i] = static_cast<out_t>(rr[i] * inv * w[i]);
+      }
+    });
+  });
+  return out;
+}
+
+// q [B, H, D] fp32; caches [NB, BS, Hkv, D]; scales [NB, BS, Hkv] fp32 or empty;
+// block_tables [B, nb] int64; context_lens [B] int32 -> [B, H, D] fp32.
+template <typename cache_t>
+void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                           const float* k_scale, const float* v_scale, const torch::Tensor& block_tables,
+                           const torch::Tensor& context_lens, double scale, torch::Tensor& out) {
+  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
+  const int64_t group = heads / kv_heads, width = block_tables.size(1);
+  const float* qp = q.data_ptr<float>();
+  const cache_t* kp = k_cache.data_ptr<cache_t>();
+  const cache_t* vp = v_cache.data_ptr<cache_t>();
+  const int64_t* bt = block_tables.data_ptr<int64_t>();
+  const int32_t* lens = context_lens.data_ptr<int32_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t token_stride = kv_heads * dim;  // elements between consecutive slots
+  // One task per (sequence, kv head): its `group` query heads share every K/V row read.
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    std::vector<float> acc(group * dim);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / kv_heads, kvh = task % kv_heads;
+      const int64_t len = lens[b];
+      TORCH_CHECK(len <= width * block_size, "context longer than the block table");
+      scores.assign(group * len, 0.f);
+      for (int64_t l = 0; l < len; ++l) {
+        const int64_t slot = bt[b * width + l / block_size] * block_size + l % block_size;
+        const cache_t* kr = kp + slot * token_stride + kvh * dim;
+        const float ks = k_scale ? k_scale[slot * kv_heads + kvh] : 1.f;
+        for (int64_t g = 0; g < group; ++g) {
+          const float* qr = qp + (b * heads + kvh * group + g) * dim;
+          float dot = 0.f;
+          for (int64_t d = 0; d < dim; ++d) dot += qr[d] * to_float(kr[d]);
+          scores[g * len + l] = dot * ks * static_cast<float>(scale);
+        }
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::vector<float> norm(group, 0.f);
+      for (int64_t g = 0; g < group; ++g) {
+        float* s = scores.data() + g * len;
+        const float top = len ? *std::max_element(s, s + len) : 0.f;
+        for (int64_t l = 0; l < len; ++l) {
+          s[l] = std::exp(s[l] - top);
+          norm[g] += s[l];
+        }
+      }
+      for (int64_t l = 0; l < len; ++l) {
+        const int64_t slot = bt[b * width + l / block_size] * block_size + l % block_size;
+        const cache_t* vr = vp + slot * token_stride + kvh * dim;
+        const float vs = v_scale ? v_scale[slot * kv_heads + kvh] : 1.f;
+        for (int64_t g = 0; g < group; ++g) {
+          const float p = scores[g * len + l] * vs;
+          float* a = acc.data() + g * dim;
+          for (int64_t d = 0; d < dim; ++d) a[d] += p * to_float(vr[d]);
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        float* o = op + (b * heads + kvh * group + g) * dim;
+        const float inv = norm[g] > 0.f ? 1.f / norm[g] : 0.f;
+        for (int64_t d = 0; d < dim; ++d) o[d] = acc[g * dim + d] * inv;
+      }
+    }
+  });
+}
+
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
+                                     torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q [B, H, D], caches [NB, BS, Hkv, D]");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "query heads must be a multiple of kv heads");
+  TORCH_CHECK(q.size(2) == k_cache.size(3), "head_dim of q and cache differ");
+  auto qf = q.to(torch::kFloat).contiguous();
+  auto tables = block_tables.to(torch::kLong).contiguous();
+  auto lens = context_lens.to(torch::kInt).contiguous();
+  TORCH_CHECK(tables.size(0) == q.size(0) && lens.size(0) == q.size(0), "one block table and length per query");
+  auto out = torch::empty(qf.sizes(), qf.options());
+  const bool int8 = k_cache.scalar_type() == torch::kChar;
+  TORCH_CHECK(!int8 || (k_scale.has_value() && v_scale.has_value()), "an int8 cache needs k_scale and v_scale");
+  torch::Tensor ks, vs;
+  if (int8) {
+    ks = k_scale->contiguous();
+    vs = v_scale->contiguous();
+    decode_attention_impl<int8_t>(qf, k_cache, v_cache, ks.data_ptr<float>(), vs.data_ptr<float>(), tables, lens,
+                                  scale, out);
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k_cache.scalar_type(), "paged_decode_attention", [&] {
+    decode_attention_impl<scalar_t>(qf, k_cache, v_cache, nullptr, nullptr, tables, lens, scale, out);
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("add_rms_norm", &add_rms_norm, "residual += x; rms_norm(residual) * weight, cast to out_dtype");
+  m.def("paged_decode_attention", &paged_decode_attention, "one query per sequence over a paged KV cache");
+}

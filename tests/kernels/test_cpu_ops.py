@@ -1,0 +1,89 @@
+"""The fused CPU ops (kernels/cpu_ops.cpp) against torch references: add_rms_norm against
+`F.rms_norm` of the summed residual, paged_decode_attention against `paged_attention_ref` and
+contiguous SDPA, on scattered block tables, GQA, ragged lengths and fp32/bf16/fp16/int8 caches."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowbit.kernels import cpu_ops
+from lowbit.kernels.paged_attention import paged_attention_ref
+
+from .test_paged_attention import FP32_TOL, HEAD_DIM, build_paged, random_q, sdpa_reference
+
+ops = cpu_ops.load()
+pytestmark = pytest.mark.skipif(ops is None, reason="no C++ compiler: the eager path is used instead")
+# bf16 output rounding: one bf16 ulp of values near 4 is 1.6e-2.
+NORM_TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.bfloat16: {"rtol": 1e-2, "atol": 2e-2}}
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_add_rms_norm_matches_torch(x_dtype, out_dtype, rows):
+    gen = torch.Generator().manual_seed(rows)
+    n = 576
+    x = (torch.randn(rows, n, generator=gen) * 3).to(x_dtype)
+    residual = torch.randn(rows, n, generator=gen) * 20
+    weight = torch.randn(n, generator=gen)
+    expected_residual = residual + x.float()
+    expected = F.rms_norm(expected_residual, (n,), weight, 1e-5).to(out_dtype)
+    out = ops.add_rms_norm(x, residual, weight, 1e-5, out_dtype)
+    assert out.dtype == out_dtype
+    torch.testing.assert_close(residual, expected_residual, rtol=1e-6, atol=1e-5)  # updated in place
+    torch.testing.assert_close(out.float(), expected.float(), **NORM_TOL[out_dtype])
+
+
+def test_add_rms_norm_rejects_a_non_fp32_residual():
+    with pytest.raises(RuntimeError, match="residual"):
+        ops.add_rms_norm(torch.zeros(1, 8), torch.zeros(1, 8, dtype=torch.bfloat16), torch.ones(8), 1e-5,
+                         torch.float32)  # fmt: skip
+
+
+CACHE_TOL = {
+    torch.float32: FP32_TOL,
+    torch.bfloat16: FP32_TOL,  # the reference reads the same bf16 values, so only summation order differs
+    torch.float16: FP32_TOL,
+    torch.int8: {"rtol": 1e-4, "atol": 1e-4},  # scales applied per score/probability vs dequantized
+}
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("group", [1, 3])
+def test_paged_decode_attention_matches_the_reference(cache_dtype, block_size, group):
+    seq_lens = [1, 5, 17, 40]
+    paged = build_paged(seq_lens, block_size, seed=block_size + group, cache_dtype=cache_dtype)
+    q = random_q(len(seq_lens), group, seed=3)  # one query per sequence: [B, H, D]
+    scale = 1 / math.sqrt(HEAD_DIM)
+    out = ops.paged_decode_attention(
+        q, paged.k_cache, paged.v_cache, paged.k_scale, paged.v_scale, paged.block_tables,
+        torch.tensor(seq_lens, dtype=torch.int32), scale,
+    )  # fmt: skip
+    assert out.shape == q.shape and out.dtype == torch.float32
+    starts = list(range(len(seq_lens) + 1))
+    ref = paged_attention_ref(
+        q, paged.k_cache, paged.v_cache, paged.block_tables, starts, seq_lens, scale,
+        paged.k_scale, paged.v_scale,
+    )  # fmt: skip
+    torch.testing.assert_close(out, ref, **CACHE_TOL[cache_dtype])
+    if cache_dtype != torch.int8:  # an independent check on the contiguous ground truth
+        for b in range(len(seq_lens)):
+            expected = sdpa_reference(q[b : b + 1], paged.keys[b], paged.values[b], scale)
+            torch.testing.assert_close(out[b : b + 1], expected, **FP32_TOL)
+
+
+def test_paged_decode_attention_errors():
+    paged = build_paged([4], 4, seed=0)
+    q = random_q(1, 1, seed=0)
+    lens = torch.tensor([4], dtype=torch.int32)
+    too_narrow = paged.block_tables[:, :0]
+    with pytest.raises(RuntimeError, match="block table"):
+        ops.paged_decode_attention(q, paged.k_cache, paged.v_cache, None, None, too_narrow, lens, 1.0)
+    int8 = build_paged([4], 4, seed=0, cache_dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="k_scale"):
+        ops.paged_decode_attention(q, int8.k_cache, int8.v_cache, None, None, int8.block_tables, lens, 1.0)
