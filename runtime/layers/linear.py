@@ -24,6 +24,8 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.packed(x)
 
+    __call__ = forward  # skip nn.Module hook dispatch: ~4 us a call, ~300 calls per decode step
+
     def extra_repr(self) -> str:
         p = self.packed
         return f"in={p.in_features}, out={p.out_features}, {p.kernel.config.name} via {p.kernel.name}"
@@ -46,6 +48,8 @@ class FusedLinear(nn.Module):
         if len(self.parts) == 1:
             return list(self.parts[0](x).split(self.sizes, dim=-1))
         return [part(x) for part in self.parts]
+
+    __call__ = forward  # skip nn.Module hook dispatch: ~4 us a call, ~300 calls per decode step
 
     def joint(self, x: torch.Tensor) -> torch.Tensor:
         """All outputs side by side: [T, sum(sizes)] (a copy only when the parts are not fused)."""

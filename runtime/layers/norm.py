@@ -31,3 +31,5 @@ class RMSNorm(nn.Module):
             residual = residual.add_(x)
         normed = F.rms_norm(residual, (residual.shape[-1],), self.weight, self.eps)
         return normed.to(self.out_dtype), residual
+
+    __call__ = forward  # skip nn.Module hook dispatch: ~4 us a call, ~300 calls per decode step

@@ -34,6 +34,8 @@ class MLP(nn.Module):
         gate, up = self.gate_up(x)
         return self.down_proj(F.silu(gate) * up)
 
+    __call__ = forward  # skip nn.Module hook dispatch: ~4 us a call, ~300 calls per decode step
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, w: WeightGetter, i: int, device, dtype):
@@ -67,6 +69,8 @@ class DecoderLayer(nn.Module):
         hidden = self.self_attn(rope, x, cache, meta)
         x, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(x), residual
+
+    __call__ = forward  # skip nn.Module hook dispatch: ~4 us a call, ~300 calls per decode step
 
 
 class WeightGetter:

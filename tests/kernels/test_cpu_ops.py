@@ -87,3 +87,61 @@ def test_paged_decode_attention_errors():
     int8 = build_paged([4], 4, seed=0, cache_dtype=torch.int8)
     with pytest.raises(RuntimeError, match="k_scale"):
         ops.paged_decode_attention(q, int8.k_cache, int8.v_cache, None, None, int8.block_tables, lens, 1.0)
+
+
+def _rotary_case(tokens: int, in_dtype: torch.dtype, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    heads = (torch.randn(tokens, 9 + 2 * 3, 64, generator=gen) * 4).to(in_dtype)  # 9 q heads, 3 kv heads
+    angles = torch.rand(tokens, 32, generator=gen) * 100
+    cos = torch.cat((angles, angles), dim=-1).cos()[:, None, :]  # [T, 1, D], rotate_half layout
+    sin = torch.cat((angles, angles), dim=-1).sin()[:, None, :]
+    return heads, cos, sin
+
+
+# fp32 rotation may fuse multiply-adds differently from torch (1 ulp), which can flip the rounding
+# of a stored bf16/fp16 value (1 ulp of the cache dtype) or an int8 code (1 step of the scale).
+STORE_TOL = {
+    torch.float32: {"rtol": 1e-6, "atol": 1e-5},
+    torch.bfloat16: {"rtol": 8e-3, "atol": 1e-5},
+    torch.float16: {"rtol": 1e-3, "atol": 1e-5},
+}
+
+
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
+def test_rotary_kv_store_matches_apply_rotary_and_kv_store(in_dtype, cache_dtype):
+    from lowbit.kernels.kv_store import kv_store_ref
+    from lowbit.runtime.layers.rotary import apply_rotary
+
+    heads, cos, sin = _rotary_case(5, in_dtype, seed=1)
+    slots = torch.tensor([7, -1, 0, 12, 3])  # scattered, with one padding slot
+    shape = (4, 4, 3, 64)
+    caches = [torch.zeros(shape, dtype=cache_dtype) for _ in range(4)]
+    scales = [torch.zeros(shape[:-1]) for _ in range(4)] if cache_dtype == torch.int8 else [None] * 4
+
+    q_ref, k_ref = apply_rotary(heads[:, :12], cos, sin).split([9, 3], dim=1)
+    kv_store_ref(k_ref, heads[:, 12:], caches[0], caches[1], slots, scales[0], scales[1])
+    q = ops.rotary_kv_store(heads, cos, sin, 9, 3, caches[2], caches[3], slots, scales[2], scales[3])
+
+    torch.testing.assert_close(q, q_ref, rtol=1e-6, atol=1e-5)
+    if cache_dtype == torch.int8:
+        for ref, got, ref_scale, got_scale in ((caches[0], caches[2], scales[0], scales[2]),
+                                               (caches[1], caches[3], scales[1], scales[3])):  # fmt: skip
+            torch.testing.assert_close(got_scale, ref_scale, rtol=1e-6, atol=0)
+            assert (got.int() - ref.int()).abs().max() <= 1
+            assert (got != ref).float().mean() < 0.01
+    else:
+        torch.testing.assert_close(caches[2].float(), caches[0].float(), **STORE_TOL[cache_dtype])
+        torch.testing.assert_close(caches[3].float(), caches[1].float(), **STORE_TOL[cache_dtype])
+    untouched = torch.ones(16, dtype=torch.bool)
+    untouched[slots[slots >= 0]] = False
+    assert not caches[2].flatten(0, 1)[untouched].any()  # the padding token wrote nothing
+
+
+def test_rotary_kv_store_errors():
+    heads, cos, sin = _rotary_case(2, torch.float32, seed=0)
+    cache = torch.zeros(2, 4, 3, 64, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="k_scale"):
+        ops.rotary_kv_store(heads, cos, sin, 9, 3, cache, cache.clone(), torch.tensor([0, 1]), None, None)
+    with pytest.raises(RuntimeError, match="heads"):
+        ops.rotary_kv_store(heads, cos, sin, 8, 3, cache, cache.clone(), torch.tensor([0, 1]), None, None)
