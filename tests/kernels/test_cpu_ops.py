@@ -145,3 +145,57 @@ def test_rotary_kv_store_errors():
         ops.rotary_kv_store(heads, cos, sin, 9, 3, cache, cache.clone(), torch.tensor([0, 1]), None, None)
     with pytest.raises(RuntimeError, match="heads"):
         ops.rotary_kv_store(heads, cos, sin, 8, 3, cache, cache.clone(), torch.tensor([0, 1]), None, None)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("in_features", [64, 96, 576])  # even and odd numbers of 32-groups
+def test_q8_linear_matches_its_reference(rows, in_features):
+    from lowbit.kernels.w8a16_matmul import q8_correction, q8_linear_ref
+
+    gen = torch.Generator().manual_seed(rows + in_features)
+    qweight = torch.randint(-127, 128, (200, in_features), generator=gen, dtype=torch.int8)
+    scales = torch.rand(200, in_features // 32, generator=gen) * 0.02
+    x = torch.randn(rows, in_features, generator=gen) * 3
+    out = ops.q8_linear(x, qweight, scales, q8_correction(qweight, scales))
+    # The reference sums in float64: only fp32 summation order differs.
+    torch.testing.assert_close(out, q8_linear_ref(x, qweight, scales), rtol=1e-5, atol=1e-4)
+
+
+def test_q8_linear_reference_is_the_dequantized_matmul_up_to_activation_rounding():
+    """So a packing mistake cannot hide in both the op and its reference: int8 activations per 32
+    inputs err by at most amax/254 per element, which bounds the distance to the exact product."""
+    from lowbit.kernels.w8a16_matmul import dequantize_w8a16_ref, q8_linear_ref
+
+    gen = torch.Generator().manual_seed(0)
+    qweight = torch.randint(-127, 128, (64, 576), generator=gen, dtype=torch.int8)
+    scales = torch.rand(64, 18, generator=gen) * 0.02
+    x = torch.randn(2, 576, generator=gen)
+    weight = dequantize_w8a16_ref(qweight, scales)
+    exact = x @ weight.T
+    step = x.abs().reshape(2, 18, 32).amax(-1).repeat_interleave(32, dim=1) / 254  # max rounding error
+    bound = step @ weight.abs().T
+    error = (q8_linear_ref(x, qweight, scales) - exact).abs()
+    assert (error <= bound + 1e-5).all()
+    assert error.max() > 0  # the activations really were quantized
+
+
+def test_q8_kernel_serves_q8_0_weights_in_bf16_and_not_in_fp32():
+    from lowbit.runtime.quant import QuantizedWeight, pack_linear
+    from lowbit.runtime.quant.w8a16 import W8A16Config
+
+    gen = torch.Generator().manual_seed(1)
+    tensors = {"qweight": torch.randint(-127, 128, (40, 64), generator=gen, dtype=torch.int8),
+               "scales": torch.rand(40, 2, generator=gen) * 0.02}  # fmt: skip
+    weight = QuantizedWeight(W8A16Config(32), 40, 64, tensors)
+    cpu = torch.device("cpu")
+    fast = pack_linear(weight, cpu, torch.bfloat16)
+    assert fast.kernel.name == "cpu-q8"
+    assert pack_linear(weight, cpu, torch.float32).kernel.name != "cpu-q8"
+    x = torch.randn(3, 64, generator=gen).bfloat16()
+    from lowbit.kernels.w8a16_matmul import q8_linear_ref
+
+    torch.testing.assert_close(fast(x).float(), q8_linear_ref(x, tensors["qweight"], tensors["scales"]),
+                               rtol=1e-2, atol=1e-2)  # fmt: skip
+    many = torch.randn(40, 64, generator=gen).bfloat16()  # past MAX_ROWS: dequantized chunks
+    expected = many.float() @ (tensors["qweight"].float() * tensors["scales"].repeat_interleave(32, 1)).T
+    torch.testing.assert_close(fast(many).float(), expected, rtol=2e-2, atol=5e-2)
