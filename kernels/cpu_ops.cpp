@@ -3,17 +3,12 @@
 //   add_rms_norm           -> residual += x; F.rms_norm(residual, weight) cast to out_dtype
 //   paged_decode_attention -> kernels/paged_attention.py decode_attention_cpu
 //   rotary_kv_store        -> runtime/layers/rotary.py apply_rotary + kernels/kv_store.py kv_store_ref
-//   q8_linear              -> x quantized to int8 per 32 inputs, times W8A16 g32 weights (GGUF
-//                             Q8_0 x Q8_0, as llama.cpp computes its Q8_0 projections):
-//                             kernels/w8a16_matmul.py q8_linear_ref
 // Layouts are those documented in kernels/paged_attention.py and kernels/kv_store.py.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <cstdint>
 #include <type_traits>
 #include <limits>
 #include <vector>
@@ -238,114 +233,10 @@ torch::Tensor rotary_kv_store(torch::Tensor heads, torch::Tensor cos, torch::Ten
   return q;
 }
 
-constexpr int64_t kQ8Group = 32;
-
-// x [M, K] float -> int8 codes shifted to uint8 (q + 128, so VNNI's u8 x s8 dot applies) and one
-// fp32 scale per 32 inputs: x ~= q * d, q = round(x / d) in [-127, 127], d = amax / 127.
-void quantize_q8(const float* x, int64_t k, uint8_t* q, float* d) {
-  for (int64_t g = 0; g < k / kQ8Group; ++g) {
-    const float* xg = x + g * kQ8Group;
-    float amax = 0.f;
-    for (int64_t i = 0; i < kQ8Group; ++i) amax = std::max(amax, std::abs(xg[i]));
-    const float scale = amax / 127.f;
-    const float inv = scale > 0.f ? 1.f / scale : 0.f;
-    d[g] = scale;
-    for (int64_t i = 0; i < kQ8Group; ++i) {
-      const int code = static_cast<int>(std::lrintf(xg[i] * inv));  // round half to even, as torch.round
-      q[g * kQ8Group + i] = static_cast<uint8_t>(code + 128);
-    }
-  }
-}
-
-// One weight row against one quantized input: sum_g dw[g] dx[g] sum_i (qx_i + 128) w_i over the groups
-// the vector loop takes (the caller removes their +128 offset); the rest exactly. `*vector_groups`
-// says how many groups that was. dxv: per pair of groups, dx[g] in lanes 0-7 and dx[g + 1] in 8-15.
-inline float q8_row_dot(const uint8_t* qx, const float* dx, const void* dxv, const int8_t* w, const float* dw,
-                        int64_t groups, int64_t* vector_groups) {
-  float total = 0.f;
-  int64_t g = 0;
-#if defined(__AVX512VNNI__) && defined(__AVX512F__)
-  const __m512* dxpairs = static_cast<const __m512*>(dxv);
-  const __m512i low = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-  __m512 acc = _mm512_setzero_ps();
-  for (; g + 2 <= groups; g += 2) {  // 64 bytes = two groups: lanes 0-7 and 8-15
-    const __m512i xv = _mm512_loadu_si512(qx + g * kQ8Group);
-    const __m512i wv = _mm512_loadu_si512(w + g * kQ8Group);
-    const __m512 lanes = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), xv, wv));
-    // dw[g] to lanes 0-7 and dw[g + 1] to lanes 8-15 with one permute of a 2-float load.
-    const __m512 dwpair = _mm512_permutexvar_ps(low, _mm512_castps128_ps512(_mm_castsi128_ps(
-                                                     _mm_loadl_epi64(reinterpret_cast<const __m128i*>(dw + g)))));
-    acc = _mm512_fmadd_ps(lanes, _mm512_mul_ps(dwpair, dxpairs[g / 2]), acc);
-  }
-  total = _mm512_reduce_add_ps(acc);
-#endif
-  *vector_groups = g;
-  for (; g < groups; ++g) {
-    // Integer products summed in float: exact (|sum| <= 32 * 127 * 127 < 2^24) in any order. An int32
-    // accumulator gave wrong sums for negative activations with GCC 12.2 -O3 -march=native (its
-    // auto-vectorized int8 dot product), caught by test_q8_linear_matches_its_reference.
-    float dot = 0.f;
-    for (int64_t i = g * kQ8Group; i < (g + 1) * kQ8Group; ++i) {
-      dot += static_cast<float>(static_cast<int32_t>(qx[i]) - 128) * static_cast<float>(w[i]);
-    }
-    total += dw[g] * dx[g] * dot;
-  }
-  return total;
-}
-
-// x [M, K] float; qweight int8 [N, K]; scales fp32 [N, K/32]; wcorr fp32 [N, K/32] = scales * (each
-// group's sum of codes), precomputed at load -> [M, N] fp32.
-torch::Tensor q8_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor wcorr) {
-  TORCH_CHECK(x.dim() == 2 && qweight.dim() == 2, "x [M, K], qweight [N, K]");
-  const int64_t m_rows = x.size(0), k = x.size(1), n = qweight.size(0), groups = k / kQ8Group;
-  TORCH_CHECK(k % kQ8Group == 0 && qweight.size(1) == k, "K must match and be a multiple of 32");
-  TORCH_CHECK(qweight.scalar_type() == torch::kChar && qweight.is_contiguous(), "qweight: contiguous int8");
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.is_contiguous() && scales.size(0) == n &&
-                  scales.size(1) == groups, "scales: contiguous fp32 [N, K / 32]");
-  TORCH_CHECK(wcorr.scalar_type() == torch::kFloat && wcorr.sizes() == scales.sizes(), "wcorr: fp32 [N, K / 32]");
-  auto xf = x.to(torch::kFloat).contiguous();
-  std::vector<uint8_t> qx(m_rows * k);
-  auto dx = torch::empty({m_rows, groups}, xf.options());
-  float* dxp = dx.data_ptr<float>();
-  for (int64_t m = 0; m < m_rows; ++m) quantize_q8(xf.data_ptr<float>() + m * k, k, &qx[m * k], dxp + m * groups);
-  // Per input row, the pairs of activation scales as 16-lane vectors (64-byte aligned).
-  const int64_t pairs = groups / 2;
-  std::vector<float> dxv_storage(m_rows * pairs * 16 + 16);
-  float* dxv = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(dxv_storage.data()) + 63) & ~uintptr_t(63));
-  for (int64_t m = 0; m < m_rows; ++m) {
-    for (int64_t p = 0; p < pairs; ++p) {
-      for (int64_t lane = 0; lane < 16; ++lane) dxv[(m * pairs + p) * 16 + lane] = dxp[m * groups + 2 * p + lane / 8];
-    }
-  }
-  auto out = torch::empty({m_rows, n}, xf.options());
-  const int8_t* wp = qweight.data_ptr<int8_t>();
-  const float* sp = scales.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  std::atomic<int64_t> vector_groups{0};
-  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
-    int64_t done = 0;
-    for (int64_t r = begin; r < end; ++r) {
-      for (int64_t m = 0; m < m_rows; ++m) {
-        op[m * n + r] = q8_row_dot(&qx[m * k], dxp + m * groups, dxv + m * pairs * 16, wp + r * k, sp + r * groups,
-                                   groups, &done);
-      }
-    }
-    vector_groups = done;
-  });
-  // The +128 offset of the vector-loop groups: 128 * sum_g dw[g] wsum[g] dx[g], one small matmul.
-  const int64_t vg = vector_groups;
-  if (vg > 0) {
-    auto corr = at::matmul(dx.narrow(1, 0, vg), wcorr.narrow(1, 0, vg).t());  // [M, N]
-    out.sub_(corr, 128.0);
-  }
-  return out;
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "residual += x; rms_norm(residual) * weight, cast to out_dtype");
   m.def("paged_decode_attention", &paged_decode_attention, "one query per sequence over a paged KV cache");
-  m.def("q8_linear", &q8_linear, "int8-quantized x times Q8_0-style int8 weights, fp32 out");
   m.def("rotary_kv_store", &rotary_kv_store, "rotate q and k, store k and v in the paged cache, return q");
 }

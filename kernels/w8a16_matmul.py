@@ -40,31 +40,3 @@ def w8a16_matmul_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     lead = x.shape[:-1]
     y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), qweight, scales)
     return y.reshape(*lead, y.shape[-1])
-
-
-Q8_GROUP = 32
-
-
-def quantize_q8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> int8 codes [M, K] and fp32 scales [M, K / 32]: x ~= q * d, d = amax / 127 per 32."""
-    groups = x.float().reshape(x.shape[0], -1, Q8_GROUP)
-    d = groups.abs().amax(dim=-1) / 127.0
-    q = torch.round(groups / torch.where(d > 0, d, 1.0)[..., None]).to(torch.int8)
-    return q.reshape(x.shape), d
-
-
-def q8_correction(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """What `q8_linear` needs besides the weight: scales * each 32-group's sum of codes, fp32 [N, K/32]."""
-    sums = qweight.reshape(qweight.shape[0], -1, Q8_GROUP).sum(dim=-1, dtype=torch.int32)
-    return (scales.float() * sums.float()).contiguous()
-
-
-def q8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The spec of the fused CPU op `q8_linear` (kernels/cpu_ops.cpp): activations quantized to int8
-    per 32 inputs, each group's integer dot product scaled by both scales, fp32 [M, N] out.
-    qweight int8 [N, K], scales fp32 [N, K / 32] (GGUF Q8_0)."""
-    qx, dx = quantize_q8_ref(x)
-    m = x.shape[0]
-    dots = torch.einsum("mgi,ngi->mng", qx.double().reshape(m, -1, Q8_GROUP),
-                        qweight.double().reshape(qweight.shape[0], -1, Q8_GROUP))  # fmt: skip
-    return (dots * dx.double()[:, None, :] * scales.double()[None]).sum(-1).float()
