@@ -21,7 +21,16 @@ import torch
 from lowbit.kernels.w4a16_matmul import pack_int4, unpack_int4
 from lowbit.runtime.quant import QuantizedWeight, W4A16Config
 
-from .gptq import group_size_of, integer_zeros, pack_int32, take, tensor_name, to_fp16, unpack_int32
+from .gptq import (
+    group_size_of,
+    integer_zeros,
+    modules_with_qweight,
+    pack_int32,
+    take,
+    tensor_name,
+    to_fp16,
+    unpack_int32,
+)
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 SUFFIXES = ("qweight", "qzeros", "scales")
@@ -129,8 +138,7 @@ class AwqFormat:
         self.config = AwqConfig.from_dict(quantization_config)
 
     def quantized_modules(self, names: Iterable[str], linear_modules: Iterable[str] = ()) -> list[str]:
-        """Every module with a `qweight` (whatever its name; the loader checks it is a linear)."""
-        return [n.removesuffix(".qweight") for n in names if n.endswith(".qweight")]
+        return modules_with_qweight(names)
 
     def component_names(self, module: str) -> list[str]:
         return [f"{module}.{s}" for s in SUFFIXES]

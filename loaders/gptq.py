@@ -243,6 +243,12 @@ def _w8a16(
     return QuantizedWeight(config, out_features, in_features, tensors)
 
 
+def modules_with_qweight(names: Iterable[str]) -> list[str]:
+    """Every module with a `qweight` (whatever its name; the loader checks it is a linear): how GPTQ
+    and AWQ directories mark their quantized linears."""
+    return [n.removesuffix(".qweight") for n in names if n.endswith(".qweight")]
+
+
 class GptqFormat:
     """Reads GPTQ linears out of a safetensors directory's tensors."""
 
@@ -252,8 +258,7 @@ class GptqFormat:
         self.config = GptqConfig.from_dict(quantization_config)
 
     def quantized_modules(self, names: Iterable[str], linear_modules: Iterable[str] = ()) -> list[str]:
-        """Every module with a `qweight` (whatever its name; the loader checks it is a linear)."""
-        return [n.removesuffix(".qweight") for n in names if n.endswith(".qweight")]
+        return modules_with_qweight(names)
 
     def component_names(self, module: str) -> list[str]:
         return [f"{module}.{s}" for s in SUFFIXES]

@@ -10,7 +10,7 @@ from lowbit.loaders.base import Checkpoint
 from lowbit.runtime.config import EngineConfig, ModelConfig
 from lowbit.runtime.engine import Engine
 from lowbit.runtime.evaluate import EvalResult, perplexity, weights_bytes
-from lowbit.runtime.quant.pipeline import QuantizeOptions, quantize_model
+from lowbit.runtime.quant.pipeline import QuantizeOptions, fitting_group_sizes, quantize_model
 
 
 @dataclass(frozen=True)
@@ -72,12 +72,6 @@ def _engine(checkpoint: Checkpoint, dtype: str, kv_cache_dtype: str) -> Engine:
 
 
 def fitting_group_size(config: ModelConfig, preferred: int = 128) -> int:
-    """The largest power-of-two group size <= `preferred` dividing every projection's in_features
+    """The largest power-of-two group size in [32, `preferred`] dividing every projection's input
     (SmolLM2's hidden size 576 takes 64, not the usual 128); -1 (per channel) if none does."""
-    sizes = (config.hidden_size, config.intermediate_size, config.num_heads * config.head_dim)
-    size = preferred
-    while size >= 32:
-        if all(k % size == 0 for k in sizes):
-            return size
-        size //= 2
-    return -1
+    return next((g for g in fitting_group_sizes(config) if 32 <= g <= preferred), -1)

@@ -58,10 +58,6 @@ class RotaryEmbedding(nn.Module):
         """cos, sin fp32 [T, 1, D] for positions [T]: gathered once per step, shared by every layer."""
         return self.cos[positions][:, None, :], self.sin[positions][:, None, :]
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """positions [T]; x [T, heads, D] -> rotated fp32 [T, heads, D]."""
-        return apply_rotary(x, *self.tables(positions))
-
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, heads, D] (any float dtype); cos, sin [T, 1, D] -> rotated fp32 [T, heads, D]."""

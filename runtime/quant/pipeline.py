@@ -16,6 +16,7 @@ from torch import nn
 from lowbit.loaders import load_checkpoint
 from lowbit.loaders.base import Checkpoint
 from lowbit.loaders.hf_config import to_hf_config
+from lowbit.runtime.config import ModelConfig
 
 from . import QuantizedWeight, method_for
 from .awq import search_scales
@@ -246,14 +247,25 @@ def _set_quantized(layer: nn.Module, quantized: dict[str, QuantizedWeight]) -> N
         linear.weight.copy_(method_for(qw.config).dequantize(qw.tensors))
 
 
+def projection_input_sizes(config: ModelConfig) -> list[int]:
+    """The in_features of every decoder projection (q/k/v/gate/up read hidden, o reads the heads,
+    down reads the intermediate)."""
+    return sorted({config.hidden_size, config.intermediate_size, config.num_heads * config.head_dim})
+
+
+def fitting_group_sizes(config: ModelConfig) -> list[int]:
+    """Power-of-two group sizes from 256 down to 16 that divide every projection's input, largest first."""
+    sizes = projection_input_sizes(config)
+    return [g for g in (256, 128, 64, 32, 16) if all(k % g == 0 for k in sizes)]
+
+
 def _check_group_size(checkpoint: Checkpoint, opts: QuantizeOptions) -> None:
     """Fail before any calibration work, naming sizes that would work."""
     if opts.bits != 4 or opts.group_size == -1:
         return
-    c = checkpoint.config
-    sizes = sorted({c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim})
+    sizes = projection_input_sizes(checkpoint.config)
     if any(k % opts.group_size for k in sizes):
-        fits = [g for g in (256, 128, 64, 32, 16) if all(k % g == 0 for k in sizes)]
+        fits = fitting_group_sizes(checkpoint.config)
         raise ValueError(
             f"group size {opts.group_size} does not divide this model's projection input sizes {sizes}; "
             f"use one of {[*fits, -1]} (-1 is per channel)"

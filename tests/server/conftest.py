@@ -46,3 +46,17 @@ def engine(_bf16_engine) -> Engine:
 def exact_engine(_fp32_engine) -> Engine:
     yield _fp32_engine
     _reset(_fp32_engine)
+
+
+# Each server test module declares its own `server` fixture (the configuration it needs); these
+# clients resolve it from the requesting module.
+@pytest.fixture(scope="module")
+def client(server):
+    with server.client() as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with server.http() as h:
+        yield h

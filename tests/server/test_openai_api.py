@@ -44,18 +44,6 @@ def tokenizer():
     return hf_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    with server.client() as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with server.http() as h:
-        yield h
-
-
 def stream_text(chunks, index: int = 0) -> str:
     return "".join(
         (c.delta.content or "") if hasattr(c, "delta") else c.text
@@ -252,30 +240,13 @@ def test_n_gives_n_choices(client, tokenizer):
 
     # Legacy completions: n choices per prompt, indexed prompt-major.
     prompts = ["Roses are", "The sky is"]
-    reply = client.completions.create(
-        model=MODEL,
-        prompt=prompts,
-        max_tokens=3,
-        n=2,
-        temperature=0.9,
-        seed=2,
-        extra_body={"ignore_eos": True},
-    )
+    legacy = dict(model=MODEL, prompt=prompts, max_tokens=3, n=2, temperature=0.9, seed=2,
+                  extra_body={"ignore_eos": True})  # fmt: skip
+    reply = client.completions.create(**legacy)
     assert sorted(c.index for c in reply.choices) == [0, 1, 2, 3]
     assert reply.usage.prompt_tokens == sum(len(text_ids(p)) for p in prompts)
     assert reply.usage.completion_tokens == 4 * 3
-    streamed = list(
-        client.completions.create(
-            model=MODEL,
-            prompt=prompts,
-            max_tokens=3,
-            n=2,
-            temperature=0.9,
-            seed=2,
-            stream=True,
-            extra_body={"ignore_eos": True},
-        )
-    )
+    streamed = list(client.completions.create(**legacy, stream=True))
     assert {i: stream_text(streamed, i) for i in range(4)} == {c.index: c.text for c in reply.choices}
 
 

@@ -31,18 +31,6 @@ def server() -> Iterator[LiveServer]:
     yield from serving(MAIN)
 
 
-@pytest.fixture(scope="module")
-def http(server):
-    with server.http() as h:
-        yield h
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with server.client() as c:
-        yield c
-
-
 def chat(**fields) -> dict:
     return {"model": MODEL, "messages": MESSAGES, "max_tokens": 2, **fields}
 
