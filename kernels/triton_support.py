@@ -1,0 +1,35 @@
+"""Where the Triton kernels run: on CUDA devices, and on CPU tensors under Triton's interpreter.
+
+The engine picks the Triton path for CUDA devices only. Tests run the same kernels on CPU with
+TRITON_INTERPRET=1 (set by tests/conftest.py before anything imports triton: `triton.jit` reads it
+at decoration time). LOWBIT_TRITON_ON_CPU=1 together with TRITON_INTERPRET=1 makes the engine pick
+the Triton path for a CPU model too, so a whole model can be checked through the interpreter.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_unavailable(device: torch.device) -> str | None:
+    """None if the engine should run Triton kernels on `device`, else why not."""
+    if not HAS_TRITON:
+        return "triton is not installed"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and interpreting() and os.environ.get("LOWBIT_TRITON_ON_CPU") == "1":
+        return None
+    return "Triton kernels run on CUDA (on CPU only with TRITON_INTERPRET=1 and LOWBIT_TRITON_ON_CPU=1)"
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
