@@ -33,3 +33,7 @@ def triton_unavailable(device: torch.device) -> str | None:
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+def use_triton(device: torch.device) -> bool:
+    return triton_unavailable(device) is None

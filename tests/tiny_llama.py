@@ -8,7 +8,11 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from lowbit.runtime.quant import method_for
+from lowbit.runtime.quant.rtn import quantize_rtn
+
 VOCAB = 49152  # the default model's tokenizer is reused, so the vocabulary must match it
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def save_tiny_llama(path: Path, hf_tokenizer) -> LlamaForCausalLM:
@@ -27,3 +31,16 @@ def save_tiny_llama(path: Path, hf_tokenizer) -> LlamaForCausalLM:
     model.save_pretrained(path)
     hf_tokenizer.save_pretrained(path)
     return model
+
+
+def with_rtn_weights(model: LlamaForCausalLM, scheme: str) -> LlamaForCausalLM:
+    """A copy of `model` whose projections hold RTN-quantized-then-dequantized weights: what our
+    engine computes after `quantization=scheme` on load, run by transformers."""
+    clone = LlamaForCausalLM(model.config).eval()
+    clone.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for name, p in clone.named_parameters():
+            if name.split(".")[-2] in PROJECTIONS:
+                q = quantize_rtn(p.data, scheme)
+                p.copy_(method_for(q.config).dequantize(q.tensors))
+    return clone

@@ -12,6 +12,7 @@ from torch import nn
 from lowbit.kernels import cpu_ops
 from lowbit.kernels.kv_store import kv_store_ref
 from lowbit.kernels.paged_attention import decode_attention_cpu, decode_padding_mask, prefill_attention_cpu
+from lowbit.kernels.triton_support import use_triton
 from lowbit.runtime.kv_cache import LayerKVCache
 from lowbit.runtime.quant import WeightLike
 
@@ -38,6 +39,15 @@ class AttentionMetadata:
     @property
     def num_prefill_tokens(self) -> int:
         return self.query_start[self.num_prefills]
+
+    @cached_property
+    def query_start_tensor(self) -> torch.Tensor:
+        """[B + 1] int32 on the device, for kernels that take a whole mixed batch in one launch."""
+        return torch.tensor(self.query_start, dtype=torch.int32, device=self.slot_mapping.device)
+
+    @property
+    def max_query_len(self) -> int:
+        return max(b - a for a, b in zip(self.query_start, self.query_start[1:], strict=False))
 
     @cached_property
     def decode_block_tables(self) -> torch.Tensor:
@@ -109,6 +119,11 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = 1.0 / math.sqrt(head_dim)
         self.dtype = dtype
+        self.triton_attention = None
+        if use_triton(device):  # imported only here: a CPU engine never loads Triton
+            from .triton_attention import triton_attention
+
+            self.triton_attention = triton_attention
 
     def forward(
         self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, cache: LayerKVCache,
@@ -117,6 +132,11 @@ class Attention(nn.Module):
         """rope: the step's (cos, sin) [T, 1, D]; x [T, hidden] -> [T, hidden] in the compute dtype."""
         tokens = x.shape[0]
         heads = self.qkv.joint(x).view(tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        if self.triton_attention is not None:
+            out = self.triton_attention(
+                heads, rope, cache, meta, self.num_heads, self.num_kv_heads, self.scale
+            )  # [T, H, D]
+            return self.o_proj(out.reshape(tokens, -1))
         if (ops := cpu_ops.load()) is not None and heads.is_cpu:  # one op: rotate, store k and v
             q = ops.rotary_kv_store(heads, *rope, self.num_heads, self.num_kv_heads, cache.k, cache.v,
                                     meta.slot_mapping, cache.k_scale, cache.v_scale)  # fmt: skip

@@ -63,6 +63,8 @@ class DecoderLayer(nn.Module):
             device,
             dtype,
         )
+        self.input_layernorm.fuse_quantization(self.self_attn.qkv)
+        self.post_attention_layernorm.fuse_quantization(self.mlp.gate_up)
 
     def forward(self, rope, hidden, residual, cache: LayerKVCache, meta: AttentionMetadata):
         x, residual = self.input_layernorm(hidden, residual)

@@ -18,6 +18,8 @@ from typing import ClassVar
 
 import torch
 
+from lowbit.kernels.triton_support import triton_unavailable
+
 
 @dataclass(frozen=True)
 class QuantConfig:
@@ -88,6 +90,8 @@ class LinearKernel(ABC):
     """One way of computing `x @ W.T` for one scheme on one kind of device."""
 
     name: ClassVar[str]
+    # True if `apply` also takes a `QuantizedActivation` (int8 rows + scales from a fused norm).
+    takes_quantized_input: ClassVar[bool] = False
 
     def __init__(self, method: QuantLinearMethod, device: torch.device, dtype: torch.dtype) -> None:
         self.method = method
@@ -125,6 +129,16 @@ def cpu_bf16_only(device: torch.device, dtype: torch.dtype) -> str | None:
     if dtype != torch.bfloat16:
         return "fast only with bf16 activations"
     return None
+
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def triton_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None if the Triton GEMMs can run here with `dtype` activations, else why not."""
+    if (reason := triton_unavailable(device)) is not None:
+        return reason
+    return None if dtype in TRITON_DTYPES else f"Triton GEMMs take {TRITON_DTYPES}, not {dtype}"
 
 
 class DequantizedKernel(LinearKernel):

@@ -8,7 +8,15 @@ import torch
 
 from lowbit.kernels import w4a16_matmul as k4
 
-from .base import DequantizedKernel, LinearKernel, QuantConfig, QuantLinearMethod, TensorSpec, cpu_bf16_only
+from .base import (
+    DequantizedKernel,
+    LinearKernel,
+    QuantConfig,
+    QuantLinearMethod,
+    TensorSpec,
+    cpu_bf16_only,
+    triton_unsupported,
+)
 
 
 @dataclass(frozen=True)
@@ -52,8 +60,36 @@ class CpuInt4PackKernel(LinearKernel):
         return k4.w4a16_matmul_cpu(x, packed["qweight"], packed["scales_and_zeros"], self.config.group_size)
 
 
+class TritonW4A16Kernel(LinearKernel):
+    """Fused Triton dequant-GEMM (GEMV/split-K at small M, tiled above, dequantize + cuBLAS at
+    large M); act-order reads x through `perm` inside the kernel."""
+
+    name = "triton-w4a16"
+
+    def __init__(self, method, device, dtype) -> None:
+        super().__init__(method, device, dtype)
+        # Imported here, not at module level: a CPU engine never loads Triton.
+        from lowbit.kernels import triton_w4a16
+
+        self.ops = triton_w4a16
+
+    @classmethod
+    def can_implement(cls, config, out_features, in_features, device, dtype):
+        return triton_unsupported(device, dtype)
+
+    def pack(self, tensors):
+        on_device = {name: t.to(self.device) for name, t in tensors.items()}
+        return self.ops.pack_w4a16_triton(
+            on_device["qweight"], on_device["scales"], on_device["mins"], self.config.group_size,
+            self.dtype, on_device.get("perm"),
+        )  # fmt: skip
+
+    def apply(self, x, packed):
+        return self.ops.w4a16_matmul_triton(x, packed, self.config.group_size)
+
+
 class W4A16Method(QuantLinearMethod):
-    kernels = (CpuInt4PackKernel, DequantizedKernel)
+    kernels = (TritonW4A16Kernel, CpuInt4PackKernel, DequantizedKernel)
 
     def create_weights(self, in_features, out_features):
         group = self.config.group_size

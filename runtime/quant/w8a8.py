@@ -13,12 +13,26 @@ import torch
 
 from lowbit.kernels import w8a8_matmul as k8
 
-from .base import LinearKernel, QuantConfig, QuantLinearMethod, TensorSpec
+from .base import LinearKernel, QuantConfig, QuantLinearMethod, TensorSpec, triton_unsupported
 
 
 @dataclass(frozen=True)
 class W8A8Config(QuantConfig):
     name = "w8a8"
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedActivation:
+    """Activations already quantized per token, by an RMSNorm fused with the quantization (the
+    SmoothQuant path: norm -> smooth -> quantize in one pass), for a kernel that
+    `takes_quantized_input`: the GEMM then reads int8 rows instead of another pass over x."""
+
+    xq: torch.Tensor  # int8 [T, K]
+    scale: torch.Tensor  # fp32 [T, 1]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.xq.shape
 
 
 class CpuIntMmKernel(LinearKernel):
@@ -40,6 +54,34 @@ class CpuIntMmKernel(LinearKernel):
         return k8.w8a8_matmul_cpu(x, packed["qweight_t"], packed["scales_row"])
 
 
+class TritonW8A8Kernel(LinearKernel):
+    """Triton per-token activation quantization, then an int8 x int8 Triton GEMM with int32
+    accumulation and the scales applied in the epilogue."""
+
+    name = "triton-w8a8"
+    takes_quantized_input = True
+
+    def __init__(self, method, device, dtype) -> None:
+        super().__init__(method, device, dtype)
+        # Imported here, not at module level: a CPU engine never loads Triton.
+        from lowbit.kernels import triton_w8a8
+
+        self.ops = triton_w8a8
+
+    @classmethod
+    def can_implement(cls, config, out_features, in_features, device, dtype):
+        return triton_unsupported(device, dtype)
+
+    def pack(self, tensors):
+        qweight, scales = tensors["qweight"].to(self.device), tensors["scales"].to(self.device)
+        return self.ops.pack_w8a8_triton(qweight, scales)
+
+    def apply(self, x, packed):
+        if isinstance(x, QuantizedActivation):
+            return self.ops.w8a8_gemm_triton(x.xq, x.scale, packed, out_dtype=self.dtype)
+        return self.ops.w8a8_matmul_triton(x, packed)
+
+
 class ReferenceKernel(LinearKernel):
     """The reference itself, on any device (slow: float64)."""
 
@@ -57,7 +99,7 @@ class ReferenceKernel(LinearKernel):
 
 
 class W8A8Method(QuantLinearMethod):
-    kernels = (CpuIntMmKernel, ReferenceKernel)
+    kernels = (TritonW8A8Kernel, CpuIntMmKernel, ReferenceKernel)
 
     def create_weights(self, in_features, out_features):
         return {

@@ -12,11 +12,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lowbit import LLM
 from lowbit.loaders.gguf_file import read_gguf
 from lowbit.loaders.tokenizer import tokenizer_from_gguf
-from lowbit.runtime.quant import method_for
-from lowbit.runtime.quant.rtn import quantize_rtn
+from tests.tiny_llama import with_rtn_weights
 
 VOCAB = 49152  # the default model's tokenizer is reused, so the vocabulary must match it
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TEXT = "The quick brown fox jumps over the lazy dog. " * 12  # ~120 tokens: past the rope scaling knee
 
 
@@ -62,18 +60,6 @@ def _our_logits(path, ids, **kwargs) -> torch.Tensor:
     return LLM(str(path), kv_cache_memory=16 << 20, **kwargs).engine.score(ids)
 
 
-def _with_rtn_weights(model: LlamaForCausalLM, scheme: str) -> LlamaForCausalLM:
-    """A copy of `model` whose projections hold RTN-quantized-then-dequantized weights."""
-    clone = LlamaForCausalLM(model.config).eval()
-    clone.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        for name, p in clone.named_parameters():
-            if name.split(".")[-2] in PROJECTIONS:
-                q = quantize_rtn(p.data, scheme)
-                p.copy_(method_for(q.config).dequantize(q.tensors))
-    return clone
-
-
 def test_dense_fp32_matches_transformers(tiny, tokenizer):
     path, model = tiny
     ids = tokenizer.encode(TEXT)
@@ -93,7 +79,7 @@ def test_dense_bf16_matches_transformers_loosely(tiny, tokenizer):
 def test_quantized_on_load_matches_transformers_on_the_same_weights(tiny, tokenizer, scheme):
     path, model = tiny
     ids = tokenizer.encode(TEXT)
-    ref = _hf_logits(_with_rtn_weights(model, scheme), ids)
+    ref = _hf_logits(with_rtn_weights(model, scheme), ids)
     exact = _our_logits(path, ids, dtype="float32", quantization=scheme)
     torch.testing.assert_close(exact, ref, atol=1e-4, rtol=0)
     fast = LLM(str(path), quantization=scheme, kv_cache_memory=16 << 20)
