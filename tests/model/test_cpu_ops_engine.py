@@ -28,9 +28,11 @@ def _run(kv: str) -> tuple[list[int], torch.Tensor, torch.Tensor]:
 # fp32 KV: the paths differ only in summation order and fused multiply-adds. int8 KV: those 1e-7
 # differences occasionally flip a stored int8 code (measured: 1 of ~20k codes in layer 15 after the
 # prompt), and a flipped key code moves later logits by up to ~0.2 (SmolLM2's keys have outlier
-# dimensions, see docs/accuracy.md) — the same sensitivity int8 KV has to any perturbation.
+# dimensions, see docs/accuracy.md) — the same sensitivity int8 KV has to any perturbation. Which
+# codes flip depends on the CPU's build: prompt logits moved by at most 0.05 on an AMD EPYC and by
+# 0.068 on an Intel Xeon (both -march=native builds).
 DECODE_TOL = {"auto": 1e-4, "int8": 0.25}
-PROMPT_LOGITS_TOL = {"auto": 1e-3, "int8": 0.05}
+PROMPT_LOGITS_TOL = {"auto": 1e-3, "int8": 0.15}
 
 
 @pytest.mark.parametrize("kv", ["auto", "int8"])
