@@ -24,6 +24,27 @@ def quantize_per_token_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return q, scale
 
 
+def check_kv_scales(
+    k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None
+) -> None:
+    """ValueError unless the scales fit the cache: fp32 [num_blocks, block_size, Hkv] on the cache's
+    device for an int8 cache, absent for a float one."""
+    if k_cache.dtype != torch.int8:
+        if k_scale is not None or v_scale is not None:
+            raise ValueError(f"k_scale/v_scale are only for int8 caches, the cache is {k_cache.dtype}")
+        return
+    if k_scale is None or v_scale is None:
+        raise ValueError("an int8 KV cache needs k_scale and v_scale")
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if s.shape != k_cache.shape[:3] or s.dtype != torch.float32:
+            raise ValueError(
+                f"{name} must be float32 {tuple(k_cache.shape[:3])} (num_blocks, block_size, Hkv), "
+                f"got {s.dtype} {tuple(s.shape)}"
+            )
+        if s.device != k_cache.device:
+            raise ValueError(f"{name} is on {s.device}, the cache on {k_cache.device}")
+
+
 def _write(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
     flat = cache.view(-1, *cache.shape[2:])  # [num_blocks * block_size, ...]
     flat.index_copy_(0, slots, values.to(cache.dtype))

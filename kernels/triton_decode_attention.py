@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .kv_store import check_kv_scales
 from .triton_support import next_power_of_2
 
 Q_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -223,18 +224,7 @@ def _check_caches(
         raise ValueError(f"q head_dim {head_dim} does not match the cache's {k_cache.shape[3]}")
     if num_heads % num_kv_heads:
         raise ValueError(f"query heads {num_heads} are not a multiple of kv heads {num_kv_heads}")
-    if k_cache.dtype != torch.int8:
-        if k_scale is not None or v_scale is not None:
-            raise ValueError(f"k_scale/v_scale are only for int8 caches, the cache is {k_cache.dtype}")
-        return
-    if k_scale is None or v_scale is None:
-        raise ValueError("an int8 KV cache needs k_scale and v_scale")
-    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
-        if s.shape != k_cache.shape[:3] or s.dtype != torch.float32:
-            raise ValueError(
-                f"{name} must be float32 {tuple(k_cache.shape[:3])} (num_blocks, block_size, Hkv), "
-                f"got {s.dtype} {tuple(s.shape)}"
-            )
+    check_kv_scales(k_cache, k_scale, v_scale)
 
 
 def _check_inputs(

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kv_store import INT8_MAX, MIN_SCALE
+from .kv_store import INT8_MAX, MIN_SCALE, check_kv_scales
 from .triton_support import next_power_of_2
 
 INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -111,24 +111,6 @@ def _kv_store_kernel(
     )  # fmt: skip
 
 
-def _check_scales(k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> None:
-    quantized = k_cache.dtype == torch.int8
-    if not quantized:
-        if k_scale is not None or v_scale is not None:
-            raise ValueError(f"k_scale/v_scale are only for int8 caches, the cache is {k_cache.dtype}")
-        return
-    if k_scale is None or v_scale is None:
-        raise ValueError("an int8 KV cache needs k_scale and v_scale")
-    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
-        if s.shape != k_cache.shape[:3] or s.dtype != torch.float32:
-            raise ValueError(
-                f"{name} must be float32 {tuple(k_cache.shape[:3])} (num_blocks, block_size, Hkv), "
-                f"got {s.dtype} {tuple(s.shape)}"
-            )
-        if s.device != k_cache.device:
-            raise ValueError(f"{name} is on {s.device}, the cache on {k_cache.device}")
-
-
 def _check_inputs(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -175,7 +157,7 @@ def kv_store_triton(
     """Write key/value [T, Hkv, D] at `slot_mapping` [T] (-1 skipped), in place; matches
     `kv_store_ref`. int8 caches get codes and per-(token, head) scales in k/v_scale."""
     _check_inputs(key, value, k_cache, v_cache, slot_mapping)
-    _check_scales(k_cache, k_scale, v_scale)
+    check_kv_scales(k_cache, k_scale, v_scale)
     tokens, num_heads, head_dim = key.shape
     if tokens == 0:
         return

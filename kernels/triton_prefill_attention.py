@@ -49,6 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .kv_store import check_kv_scales
 from .triton_support import next_power_of_2
 
 Q_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -231,20 +232,7 @@ def _validate(
         raise ValueError(f"cache head_dim {k_cache.shape[3]} != q head_dim {head_dim}")
     if num_kv_heads == 0 or num_heads % num_kv_heads:
         raise ValueError(f"q's {num_heads} heads are not a multiple of the cache's {num_kv_heads} kv heads")
-    if k_cache.dtype == torch.int8:
-        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
-            if s is None:
-                raise ValueError(f"an int8 KV cache needs {name}")
-            if s.shape != k_cache.shape[:3]:
-                raise ValueError(
-                    f"{name} must be [num_blocks, block_size, Hkv] = {list(k_cache.shape[:3])}, "
-                    f"got {list(s.shape)}"
-                )
-            if s.dtype != torch.float32:
-                raise ValueError(f"{name} must be float32, got {s.dtype}")
-            _check_device(name, s, q.device)
-    elif k_scale is not None or v_scale is not None:
-        raise ValueError(f"k_scale/v_scale are only for int8 caches, the cache is {k_cache.dtype}")
+    check_kv_scales(k_cache, k_scale, v_scale)
     if context_lens.dim() != 1 or context_lens.dtype != torch.int32:
         raise ValueError(
             f"context_lens must be a 1-D int32 tensor [B], "
