@@ -59,7 +59,12 @@ def first_layer_inputs(
         handle.remove()
     if len({t.shape for t in inputs}) != 1:
         raise ValueError("calibration batches must all have the same shape (num_samples % batch_size != 0?)")
-    kwargs.pop("past_key_values", None)
+    # No KV cache between calibration batches: a cache kept from one batch would let the next one
+    # attend to it. transformers 5.24 passes it as `cache` (earlier: `past_key_values`), so drop
+    # it by type, not by name.
+    from transformers.cache_utils import Cache
+
+    kwargs = {k: v for k, v in kwargs.items() if k != "past_key_values" and not isinstance(v, Cache)}
     kwargs["use_cache"] = False
     return inputs, kwargs
 
