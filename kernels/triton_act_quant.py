@@ -11,12 +11,12 @@ Layouts (row-major views; strides are passed, rows need not be contiguous):
 References: `quantize_per_token_ref` (kernels/w8a8_matmul.py) and `rms_norm_quant_ref` (below).
 
 Tolerance story. `quantize_per_token_triton` matches the reference bit for bit, ties included: the
-row max is exact, both divisions use `tl.div_rn` (IEEE round-to-nearest; the plain `/` may lower
-to an approximate division on NVIDIA), and `_round_half_even` reproduces torch.round. The fused
-norm kernel sums squares in a different order and uses the hardware rsqrt, so its normed values
-differ from torch's by a few ulp: the scale agrees to ~1e-6 relative and a code may differ by one
-where the normed value sits within a few ulp of a rounding boundary. The residual update
-(fp32 + x upcast) is exact.
+row max is exact, both divisions use `tl.div_rn` (IEEE round-to-nearest; the plain `/` may lower to
+an approximate division on NVIDIA), and `round_half_even` (kernels/triton_int8.py) reproduces
+torch.round. The fused norm kernel sums squares in a different order and uses the hardware rsqrt, so
+its normed values differ from torch's by a few ulp: the scale agrees to ~1e-6 relative and a code
+may differ by one where the normed value sits within a few ulp of a rounding boundary. The residual
+update (fp32 + x upcast) is exact.
 
 One program per row. A row that fits in one block (K <= _MAX_BLOCK_K) is read once and kept in
 registers; a longer row is walked in blocks (amax pass, then quantize pass), and the fused kernel
@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lowbit.kernels.triton_int8 import round_half_even
 from lowbit.kernels.triton_support import next_power_of_2
 from lowbit.kernels.w8a8_matmul import quantize_per_token_ref
 
@@ -44,17 +45,6 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _round_half_even(v):
-    """torch.round on fp32: nearest integer, ties to even (libdevice rint is not in the interpreter).
-    `v - floor(v)` is exact, so no tie is invented or lost the way floor(v + 0.5) can."""
-    fl = tl.floor(v)
-    frac = v - fl
-    fl_is_odd = (fl - 2.0 * tl.floor(fl * 0.5)) != 0.0
-    up = (frac > 0.5) | ((frac == 0.5) & fl_is_odd)
-    return tl.where(up, fl + 1.0, fl)
-
-
-@triton.jit
 def _scale_from_amax(amax):
     # 127 = INT8_MAX and 1e-10 = the floor for an all-zero row, as in quantize_per_token_ref.
     return tl.maximum(tl.div_rn(amax, 127.0), 1e-10)
@@ -62,7 +52,7 @@ def _scale_from_amax(amax):
 
 @triton.jit
 def _quantize(v, scale):
-    q = _round_half_even(tl.div_rn(v, scale))
+    q = round_half_even(tl.div_rn(v, scale))
     return tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
 
 

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .kv_store import INT8_MAX, MIN_SCALE, check_kv_scales
+from .triton_int8 import round_half_even
 from .triton_support import next_power_of_2
 
 INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -30,19 +31,6 @@ CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.int8)
 # Elements of one [BLOCK_H, BLOCK_D] tile: enough heads per program to amortise the slot load,
 # small enough to stay in registers.
 MAX_TILE = 4096
-
-
-@triton.jit
-def _round_half_even(y):
-    """torch.round for fp32 y with |y| < 2^23, from floor and compares only (libdevice's rint
-    does not run under the interpreter). a - floor(a) is exact for a >= 0, so ties are exact."""
-    a = tl.abs(y)
-    r = tl.floor(a)
-    frac = a - r
-    odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
-    up = (frac > 0.5) | ((frac == 0.5) & odd)
-    r = r + up.to(tl.float32)
-    return tl.where(y < 0, -r, r)
 
 
 @triton.jit
@@ -62,7 +50,7 @@ def _store_tile(
         xf = x.to(tl.float32)
         amax = tl.max(tl.abs(xf), axis=1)  # [BLOCK_H]; masked lanes are 0
         scale = tl.maximum(tl.math.div_rn(amax, INT8_MAX), MIN_SCALE)  # [BLOCK_H]
-        q = _round_half_even(tl.math.div_rn(xf, scale[:, None]))
+        q = round_half_even(tl.math.div_rn(xf, scale[:, None]))
         q = tl.minimum(tl.maximum(q, -INT8_MAX), INT8_MAX)
         tl.store(dst, q.to(tl.int8), mask=mask)
         scale_dst = scale_ptr + block * stride_qb + offset * stride_qs + heads * stride_qh
