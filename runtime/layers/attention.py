@@ -45,7 +45,7 @@ class AttentionMetadata:
         """[B + 1] int32 on the device, for kernels that take a whole mixed batch in one launch."""
         return torch.tensor(self.query_start, dtype=torch.int32, device=self.slot_mapping.device)
 
-    @property
+    @cached_property
     def max_query_len(self) -> int:
         return max(b - a for a, b in zip(self.query_start, self.query_start[1:], strict=False))
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -131,14 +132,22 @@ def cpu_bf16_only(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+class TritonKernel(LinearKernel):
+    """A GEMM from one `kernels/triton_*.py` module, on CUDA (or the interpreter in tests)."""
 
+    module: ClassVar[str]  # e.g. "triton_w4a16", imported as `self.ops` when the kernel is chosen
+    DTYPES: ClassVar[tuple[torch.dtype, ...]] = (torch.float16, torch.bfloat16, torch.float32)
 
-def triton_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
-    """None if the Triton GEMMs can run here with `dtype` activations, else why not."""
-    if (reason := triton_unavailable(device)) is not None:
-        return reason
-    return None if dtype in TRITON_DTYPES else f"Triton GEMMs take {TRITON_DTYPES}, not {dtype}"
+    def __init__(self, method: QuantLinearMethod, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(method, device, dtype)
+        # Imported here, not at module level: a CPU engine never loads Triton.
+        self.ops = importlib.import_module(f"lowbit.kernels.{self.module}")
+
+    @classmethod
+    def can_implement(cls, config, out_features, in_features, device, dtype) -> str | None:
+        if (reason := triton_unavailable(device)) is not None:
+            return reason
+        return None if dtype in cls.DTYPES else f"Triton GEMMs take {cls.DTYPES}, not {dtype}"
 
 
 class DequantizedKernel(LinearKernel):

@@ -14,8 +14,8 @@ from .base import (
     QuantConfig,
     QuantLinearMethod,
     TensorSpec,
+    TritonKernel,
     cpu_bf16_only,
-    triton_unsupported,
 )
 
 
@@ -60,22 +60,12 @@ class CpuInt4PackKernel(LinearKernel):
         return k4.w4a16_matmul_cpu(x, packed["qweight"], packed["scales_and_zeros"], self.config.group_size)
 
 
-class TritonW4A16Kernel(LinearKernel):
+class TritonW4A16Kernel(TritonKernel):
     """Fused Triton dequant-GEMM (GEMV/split-K at small M, tiled above, dequantize + cuBLAS at
     large M); act-order reads x through `perm` inside the kernel."""
 
     name = "triton-w4a16"
-
-    def __init__(self, method, device, dtype) -> None:
-        super().__init__(method, device, dtype)
-        # Imported here, not at module level: a CPU engine never loads Triton.
-        from lowbit.kernels import triton_w4a16
-
-        self.ops = triton_w4a16
-
-    @classmethod
-    def can_implement(cls, config, out_features, in_features, device, dtype):
-        return triton_unsupported(device, dtype)
+    module = "triton_w4a16"
 
     def pack(self, tensors):
         on_device = {name: t.to(self.device) for name, t in tensors.items()}

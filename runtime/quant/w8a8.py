@@ -13,7 +13,7 @@ import torch
 
 from lowbit.kernels import w8a8_matmul as k8
 
-from .base import LinearKernel, QuantConfig, QuantLinearMethod, TensorSpec, triton_unsupported
+from .base import LinearKernel, QuantConfig, QuantLinearMethod, TensorSpec, TritonKernel
 
 
 @dataclass(frozen=True)
@@ -54,23 +54,13 @@ class CpuIntMmKernel(LinearKernel):
         return k8.w8a8_matmul_cpu(x, packed["qweight_t"], packed["scales_row"])
 
 
-class TritonW8A8Kernel(LinearKernel):
+class TritonW8A8Kernel(TritonKernel):
     """Triton per-token activation quantization, then an int8 x int8 Triton GEMM with int32
     accumulation and the scales applied in the epilogue."""
 
     name = "triton-w8a8"
+    module = "triton_w8a8"
     takes_quantized_input = True
-
-    def __init__(self, method, device, dtype) -> None:
-        super().__init__(method, device, dtype)
-        # Imported here, not at module level: a CPU engine never loads Triton.
-        from lowbit.kernels import triton_w8a8
-
-        self.ops = triton_w8a8
-
-    @classmethod
-    def can_implement(cls, config, out_features, in_features, device, dtype):
-        return triton_unsupported(device, dtype)
 
     def pack(self, tensors):
         qweight, scales = tensors["qweight"].to(self.device), tensors["scales"].to(self.device)
