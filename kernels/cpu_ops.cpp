@@ -4,7 +4,8 @@
 //   paged_decode_attention -> kernels/paged_attention.py decode_attention_cpu
 //   rotary_kv_store        -> runtime/layers/rotary.py apply_rotary + kernels/kv_store.py kv_store_ref
 // Layouts are those documented in kernels/paged_attention.py and kernels/kv_store.py.
-#include <torch/extension.h>
+#include "cpu_ops.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -13,7 +14,7 @@
 #include <limits>
 #include <vector>
 
-namespace {
+namespace lowbit_cpu {
 
 template <typename T>
 inline float to_float(T v) { return static_cast<float>(v); }
@@ -233,10 +234,4 @@ torch::Tensor rotary_kv_store(torch::Tensor heads, torch::Tensor cos, torch::Ten
   return q;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("add_rms_norm", &add_rms_norm, "residual += x; rms_norm(residual) * weight, cast to out_dtype");
-  m.def("paged_decode_attention", &paged_decode_attention, "one query per sequence over a paged KV cache");
-  m.def("rotary_kv_store", &rotary_kv_store, "rotate q and k, store k and v in the paged cache, return q");
-}
+}  // namespace lowbit_cpu

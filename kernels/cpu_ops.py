@@ -1,11 +1,13 @@
-"""Fused CPU ops for the decode step (kernels/cpu_ops.cpp), compiled once per machine on first use.
+"""The compiled CPU ops (kernels/cpu_*.cpp, one extension), built once per machine on first use.
 
 At one token per step the model's small ops (norms, casts, rotary, cache writes, attention over a
-short context) cost more in dispatch than in arithmetic; these three ops replace ~25 eager ops
-per layer. The extension is built with torch's cpp_extension (g++ and ninja; cached under
-~/.cache/torch_extensions, one build per CPU feature set), so the first load on a machine takes
-about 30 s. Without a compiler, or with LOWBIT_CPU_OPS=0, `load()` returns None and the engine
-keeps the eager torch path, which computes the same thing.
+short context) cost more in dispatch than in arithmetic. cpu_ops.cpp fuses them, cpu_gemm.cpp is
+the group-quantized GEMM (kernels/cpu_gemm.py), and cpu_decode_layer.cpp runs a whole decoder
+layer per call for decode steps (runtime/layers/decode_layer.py). The extension is built with
+torch's cpp_extension (g++ and ninja; cached under ~/.cache/torch_extensions, one build per CPU
+feature set and source version), so the first load on a machine takes about a minute. Without a
+compiler, or with LOWBIT_CPU_OPS=0, `load()` returns None and the engine keeps the eager torch
+path, which computes the same thing.
 
 References (tests/kernels/test_cpu_ops.py): `add_rms_norm` against F.rms_norm, `rotary_kv_store`
 against runtime.layers.rotary.apply_rotary + kernels.kv_store.kv_store_ref, and
@@ -24,29 +26,43 @@ from pathlib import Path
 from types import ModuleType
 
 logger = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+HERE = Path(__file__).parent
 # Reductions (dot products, sums) only vectorize when the compiler may reassociate them.
-CFLAGS = ["-O3", "-march=native", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
+# -fopenmp makes at::parallel_for parallel (without it the header runs the loop on one thread);
+# nothing is linked for it: the OpenMP runtime torch already loaded resolves the calls, so the
+# ops share torch's threads rather than starting a second pool.
+CFLAGS = ["-O3", "-march=native", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-fopenmp"]
+
+# One extension from every source: the decode layer calls the GEMMs and the small ops directly.
+SOURCES = ("cpu_module.cpp", "cpu_ops.cpp", "cpu_gemm.cpp", "cpu_decode_layer.cpp")
+HEADER = "cpu_ops.h"
 
 
 def _build_name() -> str:
     """-march=native builds for this CPU: key the cached build by the CPU's feature flags, so a home
-    directory shared with another kind of machine never loads instructions that one lacks."""
-    flags = platform.machine()
+    directory shared with another kind of machine never loads instructions that one lacks; and by
+    the sources and header, which torch's own rebuild check does not cover (headers)."""
+    key = hashlib.sha256(platform.machine().encode())
     with suppress(OSError), open("/proc/cpuinfo") as f:
-        flags += next((line for line in f if line.startswith(("flags", "Features"))), "")
-    return f"lowbit_cpu_ops_{hashlib.sha256(flags.encode()).hexdigest()[:12]}"
+        key.update(next((line for line in f if line.startswith(("flags", "Features"))), "").encode())
+    for name in (*SOURCES, HEADER):
+        key.update((HERE / name).read_bytes())
+    return f"lowbit_cpu_ops_{key.hexdigest()[:12]}"
 
 
 @cache
 def load() -> ModuleType | None:
-    """The compiled ops, or None where they are disabled or cannot be built (logged once)."""
+    """The compiled ops, or None where they are disabled or cannot be built (logged once); the
+    engine then runs eager torch ops, which compute the same thing."""
     if os.environ.get("LOWBIT_CPU_OPS", "1") == "0":
         return None
     try:
-        from torch.utils.cpp_extension import load as build
+        from torch.utils.cpp_extension import load as build_extension
 
-        return build(name=_build_name(), sources=[str(SOURCE)], extra_cflags=CFLAGS, verbose=False)
+        return build_extension(
+            name=_build_name(), sources=[str(HERE / name) for name in SOURCES], extra_cflags=CFLAGS,
+            extra_include_paths=[str(HERE)], verbose=False,
+        )  # fmt: skip
     except Exception as e:  # no compiler, no ninja, a failed build: the eager path still works
-        logger.warning("fused CPU ops unavailable, using eager torch ops (%s)", str(e).splitlines()[0])
+        logger.warning("compiled CPU ops unavailable, using eager torch ops (%s)", str(e).splitlines()[0])
         return None

@@ -17,6 +17,7 @@ from torch import nn
 from lowbit.runtime.config import ModelConfig
 from lowbit.runtime.kv_cache import LayerKVCache
 from lowbit.runtime.layers.attention import Attention, AttentionMetadata
+from lowbit.runtime.layers.decode_layer import compile_layers, run_decode_layers
 from lowbit.runtime.layers.embedding import Embedding
 from lowbit.runtime.layers.linear import FusedLinear, Linear
 from lowbit.runtime.layers.norm import RMSNorm
@@ -117,6 +118,8 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(w("model.norm.weight"), config.rms_norm_eps, device, lm_head_dtype or dtype)
         head = embed if config.tie_word_embeddings else w("lm_head.weight")
         self.lm_head = Linear(head, device, lm_head_dtype or dtype)
+        # One compiled call per layer for decode steps on CPU, where the model allows (else None).
+        self.decode_layers = compile_layers(self.layers, dtype) if device.type == "cpu" else None
 
     def forward(
         self,
@@ -128,9 +131,12 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions [T]; logits_indices [S] -> fp32 logits [S, vocab]."""
         hidden = self.embed_tokens(input_ids)  # fp32 [T, hidden]
-        residual = None
         rope = self.rotary.tables(positions)
-        for layer, cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(rope, hidden, residual, cache, meta)
+        if self.decode_layers is not None and meta.num_prefills == 0:
+            hidden, residual = run_decode_layers(self.decode_layers, hidden, rope, kv_caches, meta)
+        else:
+            residual = None
+            for layer, cache in zip(self.layers, kv_caches, strict=True):
+                hidden, residual = layer(rope, hidden, residual, cache, meta)
         x, _ = self.norm(hidden[logits_indices], residual[logits_indices])
         return self.lm_head(x).float()

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.kernels import cpu_gemm
 from lowbit.kernels import w4a16_matmul as k4
 
 from .base import (
@@ -32,6 +33,30 @@ class W4A16Config(QuantConfig):
     def __post_init__(self) -> None:
         if self.group_size < 2 or self.group_size % 2:
             raise ValueError(f"w4a16 group_size must be an even number >= 2, got {self.group_size}")
+
+
+class CpuGroupInt4Kernel(LinearKernel):
+    """Our CPU int4 GEMM (kernels/cpu_gemm.cpp): keeps the checkpoint's groups, any float
+    activation dtype, bf16 dot products when activations are bf16."""
+
+    name = "cpu-group-int4"
+
+    @classmethod
+    def can_implement(cls, config, out_features, in_features, device, dtype):
+        if device.type != "cpu":
+            return "CPU only"
+        return cpu_gemm.supports(out_features, in_features, config.group_size)
+
+    def pack(self, tensors):
+        out = cpu_gemm.pack_int4(tensors["qweight"], tensors["scales"], tensors["mins"])
+        if self.config.act_order:
+            out["perm"] = tensors["perm"]
+        return out
+
+    def apply(self, x, packed):
+        if self.config.act_order:
+            x = x.index_select(-1, packed["perm"])
+        return cpu_gemm.int4_gemm(x, packed, self.config.group_size)
 
 
 class CpuInt4PackKernel(LinearKernel):
@@ -79,7 +104,7 @@ class TritonW4A16Kernel(TritonKernel):
 
 
 class W4A16Method(QuantLinearMethod):
-    kernels = (TritonW4A16Kernel, CpuInt4PackKernel, DequantizedKernel)
+    kernels = (TritonW4A16Kernel, CpuGroupInt4Kernel, CpuInt4PackKernel, DequantizedKernel)
 
     def create_weights(self, in_features, out_features):
         group = self.config.group_size

@@ -1,0 +1,105 @@
+// A decoder layer for decode steps (class DecodeLayer in cpu_ops.h), plus the two small ops around
+// it that eager torch makes slow at one token:
+//   silu_mul    -> F.silu(gate) * up on the fused gate/up output, rounded as torch rounds each op
+//   argmax_rows -> logits.argmax(-1) (torch's takes ~130 us over a 49k vocabulary on 2 threads)
+// References (tests/kernels/test_cpu_decode_layer.py): DecoderLayer.forward with the same weights,
+// F.silu(gate) * up, torch.argmax.
+#include "cpu_ops.h"
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+
+namespace lowbit_cpu {
+
+// [T, 2I] -> [T, I]: silu(gate) rounded to the dtype, times up, rounded again (what the eager
+// `F.silu(gate) * up` computes in a 16-bit dtype).
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "gate_up: expected [T, 2I], got ", gate_up.sizes());
+  const auto in = gate_up.contiguous();
+  const int64_t rows = in.size(0), inter = in.size(1) / 2;
+  auto out = torch::empty({rows, inter}, in.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), "silu_mul", [&] {
+    const scalar_t* src = in.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* gate = src + r * 2 * inter;
+      const scalar_t* up = gate + inter;
+      for (int64_t i = 0; i < inter; ++i) {
+        const float g = static_cast<float>(gate[i]);
+        const auto act = static_cast<scalar_t>(g / (1.f + std::exp(-g)));
+        dst[r * inter + i] = static_cast<scalar_t>(static_cast<float>(act) * static_cast<float>(up[i]));
+      }
+    }
+  });
+  return out;
+}
+
+// [S, V] fp32 -> int64 [S]: the first maximum of each row; a NaN counts as the maximum, as in torch.
+torch::Tensor argmax_rows(torch::Tensor logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == torch::kFloat && logits.size(1) > 0,
+              "logits: expected fp32 [S, V] with V > 0, got ", logits.scalar_type(), " ", logits.sizes());
+  const auto in = logits.contiguous();
+  const int64_t rows = in.size(0), vocab = in.size(1);
+  auto out = torch::empty({rows}, in.options().dtype(torch::kLong));
+  const float* src = in.data_ptr<float>();
+  int64_t* dst = out.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = src + r * vocab;
+    int64_t best = 0;
+    float top = row[0];
+    for (int64_t i = 1; i < vocab && !std::isnan(top); ++i) {
+      if (row[i] > top || std::isnan(row[i])) {
+        top = row[i];
+        best = i;
+      }
+    }
+    dst[r] = best;
+  }
+  return out;
+}
+
+DecodeLayer::DecodeLayer(torch::Tensor input_norm, torch::Tensor post_norm, double eps,
+                         std::vector<std::vector<torch::Tensor>> projections, std::vector<int64_t> group_sizes,
+                         int64_t num_heads, int64_t kv_heads, double scale, torch::ScalarType dtype)
+    : input_norm_(std::move(input_norm)),
+      post_norm_(std::move(post_norm)),
+      eps_(eps),
+      num_heads_(num_heads),
+      kv_heads_(kv_heads),
+      scale_(scale),
+      dtype_(dtype) {
+  TORCH_CHECK(projections.size() == 4 && group_sizes.size() == 4,
+              "projections: expected qkv, o, gate_up, down with a group size each");
+  for (const auto& packed : projections)
+    TORCH_CHECK(packed.size() == 2 || packed.size() == 3, "a projection is [q, scales] or [q, scales, mins]");
+  qkv_ = {projections[0], group_sizes[0]};
+  o_ = {projections[1], group_sizes[1]};
+  gate_up_ = {projections[2], group_sizes[2]};
+  down_ = {projections[3], group_sizes[3]};
+}
+
+torch::Tensor DecodeLayer::Projection::operator()(const torch::Tensor& x, torch::ScalarType dtype) const {
+  return packed.size() == 3 ? int4_gemm(x, packed[0], packed[1], packed[2], group_size, dtype, false)
+                            : int8_gemm(x, packed[0], packed[1], group_size, dtype, false);
+}
+
+torch::Tensor DecodeLayer::forward(c10::optional<torch::Tensor> x, torch::Tensor residual, torch::Tensor cos,
+                                   torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache,
+                                   c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
+                                   torch::Tensor slots, torch::Tensor block_tables,
+                                   torch::Tensor context_lens) const {
+  const int64_t tokens = residual.size(0), head_dim = k_cache.size(3);
+  // The first layer's input is already in residual: adding zeros leaves it as it is.
+  const auto normed = add_rms_norm(x.has_value() ? *x : torch::zeros_like(residual), residual, input_norm_, eps_,
+                                   dtype_);
+  const auto heads = qkv_(normed, dtype_).view({tokens, num_heads_ + 2 * kv_heads_, head_dim});
+  const auto q = rotary_kv_store(heads, cos, sin, num_heads_, kv_heads_, k_cache, v_cache, slots, k_scale, v_scale);
+  const auto attn = paged_decode_attention(q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens, scale_);
+  const auto projected = o_(attn.reshape({tokens, -1}).to(dtype_), dtype_);
+  const auto normed_mlp = add_rms_norm(projected, residual, post_norm_, eps_, dtype_);
+  return down_(silu_mul(gate_up_(normed_mlp, dtype_)), dtype_);
+}
+
+}  // namespace lowbit_cpu

@@ -1,0 +1,353 @@
+// Group-quantized int4 / int8 GEMM for CPU: y[M, N] = x[M, K] @ dequant(W)[N, K].T.
+//
+// Why not torch's int4pack / int8pack: measured on a 2-core Xeon (torch 2.13, bf16, M = 1),
+// `_weight_int4pack_mm_for_cpu` reads a 3072x576 weight in 80 us (11 GB/s from a 300 MiB L3 that
+// copies at 70 GB/s), and int8pack takes per-channel scales only, so GGUF Q8_0 (a scale per 32)
+// had to be dequantized to a dense fp16 weight. These kernels keep the file's groups and compute
+// in fp32: the products are those of the fp32 reference, only the summation order differs.
+//
+// Layout (kernels/cpu_gemm.py packs it from the canonical one): output rows in blocks of 16, one
+// fp32 lane each, so the inner loop broadcasts one activation and does 16 multiply-adds without a
+// horizontal sum, and the weights stream through memory in the order they are read.
+//   int4: q [N/16, K/8, 64] uint8: 16 rows x 8 features per 64 bytes, ordered by int4_byte()
+//   int8: q [N/16, K, 16] int8
+//   scales (and int4 mins) [N/16, K/G, 16], fp16 where that is exact, else fp32
+//   w[n, k] = q[n, k] * scale[n, k/G] (+ min[n, k/G] for int4)
+// The int4 min term is folded per group: sum_k (q s + m) x = s sum_k q x + m sum_k x.
+// The AVX-512 path and the portable one (plain loops the compiler vectorizes) compute the same
+// thing; the tests run both against fp32 dequantize-then-matmul.
+#include "cpu_ops.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace lowbit_cpu {
+
+#if defined(__AVX512BF16__)
+constexpr bool HAS_BF16_DOT = true;
+#else
+constexpr bool HAS_BF16_DOT = false;
+#endif
+constexpr int64_t LANES = 16;  // output rows per packed block
+constexpr int MAX_TILE = 4;    // activation rows sharing one pass over a weight block
+
+struct Problem {
+  const float* x;     // [M, K] fp32
+  const float* xsum;  // [M, K/G] fp32 (int4 only)
+  const void* xbf16;  // x itself when it is bf16 and the bf16 dot product is compiled in, else null
+  const void* q;
+  const void* scales;
+  const void* mins;   // int4 only
+  int64_t M, N, K, G;
+  void* y;            // [M, N] in out_dtype
+  torch::ScalarType out_dtype;
+};
+
+// Row t of a tile: 16 outputs from fp32 into the output dtype.
+inline void store(const Problem& p, int64_t row, int64_t block, const float* v) {
+  const int64_t at = row * p.N + block * LANES;
+  switch (p.out_dtype) {
+    case torch::kFloat: std::memcpy(static_cast<float*>(p.y) + at, v, LANES * sizeof(float)); break;
+    case torch::kBFloat16:
+      for (int r = 0; r < LANES; ++r) static_cast<c10::BFloat16*>(p.y)[at + r] = c10::BFloat16(v[r]);
+      break;
+    default:
+      for (int r = 0; r < LANES; ++r) static_cast<c10::Half*>(p.y)[at + r] = c10::Half(v[r]);
+  }
+}
+
+template <typename S>
+inline float scalar(const S* p, int64_t i) { return static_cast<float>(p[i]); }
+
+// Offset of (row r, feature f) inside an int4 chunk of 16 rows x 8 features (64 bytes); the
+// feature is in the low nibble for f < 4, else the high one. The order is what AVX-512's byte
+// unpacks turn into (feature 2j, feature 2j + 1) pairs per row lane: see tile_int4_avx512.
+constexpr int int4_byte(int r, int f) { return 16 * (r / 4) + 8 * ((f % 4) / 2) + 2 * (r % 4) + f % 2; }
+
+// ---------------------------------------------------------------- portable path
+template <bool INT4>
+inline float weight_at(const uint8_t* block, int64_t K, int r, int64_t k) {
+  if constexpr (INT4) {
+    const uint8_t b = block[(k / 8) * 64 + int4_byte(r, static_cast<int>(k % 8))];
+    return static_cast<float>(k % 8 < 4 ? b & 15 : b >> 4);
+  } else {
+    return static_cast<float>(static_cast<int8_t>(block[k * LANES + r]));
+  }
+}
+
+template <int T, bool INT4, typename S>
+void tile_portable(const Problem& p, int64_t block, int64_t m0) {
+  const int64_t groups = p.K / p.G;
+  const auto* qb = static_cast<const uint8_t*>(p.q) + block * p.K * (INT4 ? 8 : 16);
+  const auto* sb = static_cast<const S*>(p.scales) + block * groups * LANES;
+  const auto* mb = INT4 ? static_cast<const S*>(p.mins) + block * groups * LANES : nullptr;
+  float acc[T][LANES] = {};
+  for (int64_t g = 0; g < groups; ++g) {
+    float part[T][LANES] = {};
+    for (int64_t k = g * p.G; k < (g + 1) * p.G; ++k) {
+      float w[LANES];  // feature k of the block's 16 rows
+      for (int r = 0; r < LANES; ++r) w[r] = weight_at<INT4>(qb, p.K, r, k);
+      for (int t = 0; t < T; ++t) {
+        const float x = p.x[(m0 + t) * p.K + k];
+        for (int r = 0; r < LANES; ++r) part[t][r] += w[r] * x;
+      }
+    }
+    for (int t = 0; t < T; ++t) {
+      const float xs = INT4 ? p.xsum[(m0 + t) * groups + g] : 0.f;
+      for (int r = 0; r < LANES; ++r) {
+        acc[t][r] += part[t][r] * scalar(sb, g * LANES + r);
+        if constexpr (INT4) acc[t][r] += scalar(mb, g * LANES + r) * xs;
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t) store(p, m0 + t, block, acc[t]);
+}
+
+// ---------------------------------------------------------------- AVX-512 path
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+template <int T>
+inline void store_tile(const Problem& p, int64_t block, int64_t m0, const __m512 (&acc)[T]) {
+  alignas(64) float v[LANES];
+  for (int t = 0; t < T; ++t) {
+    _mm512_store_ps(v, acc[t]);
+    store(p, m0 + t, block, v);
+  }
+}
+
+// Several partial sums per activation row: a multiply-add has 4-5 cycles of latency and the loop
+// issues about one a cycle, so a single chain would stall. With one row, 4; with more rows, 2.
+template <int T>
+constexpr int partials() { return T == 1 ? 4 : 2; }
+
+template <int T, int U>
+inline void zero(__m512 (&part)[T][U]) {
+  for (int t = 0; t < T; ++t)
+    for (int u = 0; u < U; ++u) part[t][u] = _mm512_setzero_ps();
+}
+
+template <int T, int U>
+inline __m512 total(const __m512 (&part)[T][U], int t) {
+  __m512 sum = part[t][0];
+  for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, part[t][u]);
+  return sum;
+}
+
+// int8: 16 rows x 1 feature per 16 bytes; sign-extend, convert, multiply-add.
+template <int T, typename S>
+void tile_int8_avx512(const Problem& p, int64_t block, int64_t m0) {
+  constexpr int U = partials<T>();
+  const int64_t groups = p.K / p.G;
+  const auto* qb = static_cast<const uint8_t*>(p.q) + block * p.K * LANES;
+  const auto* sb = static_cast<const S*>(p.scales) + block * groups * LANES;
+  const float* xt = p.x + m0 * p.K;
+  __m512 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 part[T][U];
+    zero(part);
+    for (int64_t k = g * p.G; k < (g + 1) * p.G; k += U) {
+      for (int u = 0; u < U; ++u) {
+        const auto* qk = reinterpret_cast<const __m128i*>(qb + (k + u) * LANES);
+        const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qk)));
+        for (int t = 0; t < T; ++t)
+          part[t][u] = _mm512_fmadd_ps(w, _mm512_set1_ps(xt[t * p.K + k + u]), part[t][u]);
+      }
+    }
+    const __m512 s = load16(sb + g * LANES);
+    for (int t = 0; t < T; ++t) acc[t] = _mm512_fmadd_ps(total(part, t), s, acc[t]);
+  }
+  store_tile<T>(p, block, m0, acc);
+}
+
+// int4, per 64-byte chunk (16 rows x 8 features): mask out the low and high nibbles, then
+// interleave each with a constant byte: lane r of each result holds row r's features
+// (2j, 2j + 1) as two 16-bit words. With bf16 activations the constant is 0x43, which makes each
+// word the bf16 number 128 + q, exact, and one vdpbf16ps does 32 multiply-adds (the 128 is taken
+// back per group through sum(x)). Otherwise the constant is 0 and each word is converted to fp32.
+template <int T, typename S, bool BF16>
+void tile_int4_avx512(const Problem& p, int64_t block, int64_t m0) {
+  constexpr int U = partials<T>();
+  const int64_t groups = p.K / p.G;
+  const auto* qb = static_cast<const uint8_t*>(p.q) + block * p.K * 8;
+  const auto* sb = static_cast<const S*>(p.scales) + block * groups * LANES;
+  const auto* mb = static_cast<const S*>(p.mins) + block * groups * LANES;
+  const __m512i nibble = _mm512_set1_epi8(15);
+  const __m512i pad = _mm512_set1_epi8(BF16 ? 0x43 : 0);
+  const __m512i low_word = _mm512_set1_epi32(0xFFFF);
+  __m512 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 part[T][U];
+    zero(part);
+    for (int64_t k = g * p.G; k < (g + 1) * p.G; k += 8) {
+      const __m512i v = _mm512_loadu_si512(qb + k * 8);
+      const __m512i lo = _mm512_and_si512(v, nibble);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+      const __m512i pairs[4] = {_mm512_unpacklo_epi8(lo, pad), _mm512_unpackhi_epi8(lo, pad),
+                                _mm512_unpacklo_epi8(hi, pad), _mm512_unpackhi_epi8(hi, pad)};
+      for (int j = 0; j < 4; ++j) {  // features k + 2j, k + 2j + 1
+        for (int t = 0; t < T; ++t) {
+          __m512& sum = part[t][j % U];
+#if defined(__AVX512BF16__)
+          if constexpr (BF16) {
+            const auto* xb = static_cast<const uint16_t*>(p.xbf16) + (m0 + t) * p.K + k + 2 * j;
+            int32_t pair;
+            std::memcpy(&pair, xb, sizeof(pair));
+            sum = _mm512_dpbf16_ps(sum, (__m512bh)_mm512_set1_epi32(pair), (__m512bh)pairs[j]);
+            continue;
+          }
+#endif
+          const float* x = p.x + (m0 + t) * p.K + k + 2 * j;
+          sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(pairs[j], low_word)), _mm512_set1_ps(x[0]), sum);
+          sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(pairs[j], 16)), _mm512_set1_ps(x[1]), sum);
+        }
+      }
+    }
+    const __m512 s = load16(sb + g * LANES);
+    // With bf16 weights q + 128: min - 128 scale multiplies sum(x) instead of min.
+    const __m512 mn = BF16 ? _mm512_fnmadd_ps(s, _mm512_set1_ps(128.f), load16(mb + g * LANES))
+                           : load16(mb + g * LANES);
+    for (int t = 0; t < T; ++t) {
+      acc[t] = _mm512_fmadd_ps(total(part, t), s, acc[t]);
+      acc[t] = _mm512_fmadd_ps(mn, _mm512_set1_ps(p.xsum[(m0 + t) * groups + g]), acc[t]);
+    }
+  }
+  store_tile<T>(p, block, m0, acc);
+}
+
+template <int T, bool INT4, typename S>
+void tile_avx512(const Problem& p, int64_t block, int64_t m0) {
+  if constexpr (!INT4) {
+    tile_int8_avx512<T, S>(p, block, m0);
+  } else if (HAS_BF16_DOT && p.xbf16 != nullptr) {
+    tile_int4_avx512<T, S, HAS_BF16_DOT>(p, block, m0);
+  } else {
+    tile_int4_avx512<T, S, false>(p, block, m0);
+  }
+}
+#endif
+
+template <bool INT4, typename S>
+void run_tile(const Problem& p, int64_t block, int64_t m0, int rows, bool portable) {
+#if defined(__AVX512F__)
+  if (!portable) {
+    switch (rows) {
+      case 1: return tile_avx512<1, INT4, S>(p, block, m0);
+      case 2: return tile_avx512<2, INT4, S>(p, block, m0);
+      case 3: return tile_avx512<3, INT4, S>(p, block, m0);
+      default: return tile_avx512<4, INT4, S>(p, block, m0);
+    }
+  }
+#endif
+  switch (rows) {
+    case 1: return tile_portable<1, INT4, S>(p, block, m0);
+    case 2: return tile_portable<2, INT4, S>(p, block, m0);
+    case 3: return tile_portable<3, INT4, S>(p, block, m0);
+    default: return tile_portable<4, INT4, S>(p, block, m0);
+  }
+}
+
+template <bool INT4, typename S>
+void run(const Problem& p, bool portable) {
+  // Each thread takes whole blocks of 16 output rows and runs every activation row over a block
+  // while it is in L1 (16 rows x K=1536 int4 is 12 KiB), so weights leave memory once per call.
+  at::parallel_for(0, p.N / LANES, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block)
+      for (int64_t m0 = 0; m0 < p.M; m0 += MAX_TILE)
+        run_tile<INT4, S>(p, block, m0, static_cast<int>(std::min<int64_t>(MAX_TILE, p.M - m0)), portable);
+  });
+}
+
+static void check_packed(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scales, int64_t K,
+                  int64_t group_size, bool int4) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "x: expected [..., ", K, "], got ", x.sizes());
+  TORCH_CHECK(x.is_floating_point(), "x: expected a floating dtype, got ", x.scalar_type());
+  TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && K % group_size == 0,
+              "group_size must be a multiple of 32 dividing K, got ", group_size, " for K = ", K);
+  const int64_t rows = int4 ? K / 8 : K, width = int4 ? 64 : LANES;  // see the layout at the top
+  TORCH_CHECK(q.dim() == 3 && q.size(1) == rows && q.size(2) == width && q.is_contiguous(),
+              "q: expected contiguous [N/16, ", rows, ", ", width, "], got ", q.sizes());
+  TORCH_CHECK(q.scalar_type() == (int4 ? torch::kUInt8 : torch::kInt8), "q: expected ",
+              int4 ? "uint8" : "int8", ", got ", q.scalar_type());
+  TORCH_CHECK(scales.dim() == 3 && scales.size(0) == q.size(0) && scales.size(1) == K / group_size &&
+                  scales.size(2) == LANES && scales.is_contiguous(),
+              "scales: expected contiguous [N/16, K/G, 16], got ", scales.sizes());
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat || scales.scalar_type() == torch::kHalf,
+              "scales: expected fp32 or fp16, got ", scales.scalar_type());
+}
+
+static torch::Tensor gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, const torch::Tensor* mins,
+                   int64_t group_size, torch::ScalarType out_dtype, bool portable) {
+  const bool int4 = mins != nullptr;
+  const int64_t K = x.size(-1);
+  check_packed(x, q, scales, K, group_size, int4);
+  if (int4)
+    TORCH_CHECK(mins->sizes() == scales.sizes() && mins->scalar_type() == scales.scalar_type() &&
+                    mins->is_contiguous(),
+                "mins: expected the shape and dtype of scales");
+  const int64_t M = x.numel() / K, N = q.size(0) * LANES, groups = K / group_size;
+  // Activations in fp32 once per call (M x K is small next to the weight), with per-group sums
+  // for the int4 min term. Done here rather than with torch ops: at one token per step the
+  // kernel runs in tens of microseconds, and each extra op dispatch costs a few.
+  const auto xc = x.contiguous();
+  std::vector<float> xf(M * K);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "cpu_gemm_x", [&] {
+    const scalar_t* src = xc.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < M * K; ++i) xf[i] = static_cast<float>(src[i]);
+  });
+  std::vector<float> xsum(int4 ? M * groups : 0);
+  for (int64_t i = 0; i < static_cast<int64_t>(xsum.size()); ++i) {
+    float s = 0.f;
+    for (int64_t k = 0; k < group_size; ++k) s += xf[i * group_size + k];  // groups of [M, K] in order
+    xsum[i] = s;
+  }
+  TORCH_CHECK(out_dtype == torch::kFloat || out_dtype == torch::kBFloat16 || out_dtype == torch::kHalf,
+              "out_dtype: expected fp32, bf16 or fp16, got ", out_dtype);
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  auto y = torch::empty(shape, x.options().dtype(out_dtype));
+  const bool bf16_dot = int4 && HAS_BF16_DOT && !portable && x.scalar_type() == torch::kBFloat16;
+  Problem p{xf.data(), xsum.data(), bf16_dot ? xc.data_ptr() : nullptr, q.data_ptr(), scales.data_ptr(),
+            int4 ? mins->data_ptr() : nullptr, M, N, K, group_size, y.data_ptr(), out_dtype};
+  const bool half = scales.scalar_type() == torch::kHalf;
+  if (int4) {
+    half ? run<true, c10::Half>(p, portable) : run<true, float>(p, portable);
+  } else {
+    half ? run<false, c10::Half>(p, portable) : run<false, float>(p, portable);
+  }
+  return y;
+}
+
+// x [..., K] any float dtype -> [..., N] in out_dtype.
+torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor mins,
+                        int64_t group_size, torch::ScalarType out_dtype, bool portable) {
+  return gemm(x, q, scales, &mins, group_size, out_dtype, portable);
+}
+
+torch::Tensor int8_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, int64_t group_size,
+                        torch::ScalarType out_dtype, bool portable) {
+  return gemm(x, q, scales, nullptr, group_size, out_dtype, portable);
+}
+
+bool has_avx512() {
+#if defined(__AVX512F__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace lowbit_cpu

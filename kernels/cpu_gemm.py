@@ -1,0 +1,86 @@
+"""Group-quantized int4/int8 GEMM for CPU (kernels/cpu_gemm.cpp): packing and calls.
+
+The kernels keep a checkpoint's groups (GGUF Q4_0/Q4_1/Q8_0 blocks of 32, GPTQ/AWQ groups of 64 or
+128) and compute in fp32 from any float activation dtype. Packed layout, from the canonical ones of
+kernels/w4a16_matmul.py and kernels/w8a16_matmul.py (N a multiple of 16, G a multiple of 32):
+  int4: q uint8 [N/16, K/8, 64]: per block of 16 rows, 64 bytes per 8 input features; byte
+        int4_byte(r, f) of chunk c holds feature 8c+f of row r, f < 4 in the low nibble
+        (the order AVX-512's byte unpacks turn into per-row feature pairs; see cpu_gemm.cpp)
+  int8: q int8  [N/16, K, 16]
+  scales, mins  [N/16, K/G, 16], fp16 when every value converts exactly (GGUF stores fp16), else fp32
+References: w4a16_matmul_ref and w8a16_matmul_ref (tests/kernels/test_cpu_gemm.py).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from lowbit.kernels import cpu_ops
+from lowbit.kernels.w4a16_matmul import unpack_int4
+
+LANES = 16  # output rows per packed block
+
+
+def load() -> ModuleType | None:
+    """The compiled GEMMs (part of kernels/cpu_ops.py's extension), or None where unavailable."""
+    return cpu_ops.load()
+
+
+def supports(out_features: int, in_features: int, group_size: int) -> str | None:
+    """None if the packed layout fits this weight, else why not."""
+    if out_features % LANES:
+        return f"out_features {out_features} not a multiple of {LANES}"
+    if group_size % 32 or in_features % group_size:
+        return f"group size {group_size} must be a multiple of 32 dividing in_features {in_features}"
+    if load() is None:
+        return "compiled CPU ops unavailable"
+    return None
+
+
+def _by_block(t: torch.Tensor) -> torch.Tensor:
+    """[N, C] -> [N/16, C, 16]: the 16 rows of a block side by side for each column."""
+    return t.reshape(-1, LANES, t.shape[-1]).transpose(1, 2).contiguous()
+
+
+def _pack_scales(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """fp16 halves the bytes read per group; used only when it changes no value."""
+    exact = all(torch.equal(t.float().half().float(), t.float()) for t in tensors)
+    return [_by_block(t.to(torch.float16 if exact else torch.float32)) for t in tensors]
+
+
+def pack_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Canonical W4A16 (qweight uint8 [N, K/2] low nibble first, scales/mins [N, K/G])."""
+    q = unpack_int4(qweight)  # uint8 [N, K]
+    n, k = q.shape
+    # feature 8c + 4 plane + 2h + e of row 16b + 4l + i -> byte 16l + 8h + 2i + e of chunk c
+    q = q.reshape(n // LANES, 4, 4, k // 8, 2, 2, 2)  # [b, l, i, c, plane, h, e]
+    q = q.permute(0, 3, 1, 5, 2, 6, 4)  # [b, c, l, h, i, e, plane]
+    chunks = (q[..., 0] | (q[..., 1] << 4)).reshape(n // LANES, k // 8, 64)
+    packed_scales, packed_mins = _pack_scales(scales, mins)
+    return {"q": chunks.contiguous(), "scales": packed_scales, "mins": packed_mins}
+
+
+def pack_int8(qweight: torch.Tensor, scales: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Canonical W8A16 (qweight int8 [N, K], scales [N, K/G])."""
+    (packed_scales,) = _pack_scales(scales)
+    return {"q": _by_block(qweight), "scales": packed_scales}
+
+
+def int4_gemm(
+    x: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int, out_dtype: torch.dtype | None = None,
+    portable: bool = False,
+) -> torch.Tensor:
+    """x [..., K] -> [..., N] in out_dtype (default x's). portable: skip the AVX-512 path (tests)."""
+    return load().int4_gemm(
+        x, packed["q"], packed["scales"], packed["mins"], group_size, out_dtype or x.dtype, portable
+    )
+
+
+def int8_gemm(
+    x: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int, out_dtype: torch.dtype | None = None,
+    portable: bool = False,
+) -> torch.Tensor:
+    """x [..., K] -> [..., N] in out_dtype (default x's). portable: skip the AVX-512 path (tests)."""
+    return load().int8_gemm(x, packed["q"], packed["scales"], group_size, out_dtype or x.dtype, portable)

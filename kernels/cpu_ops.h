@@ -1,0 +1,67 @@
+// The compiled CPU ops, one extension (kernels/cpu_ops.py builds every kernels/cpu_*.cpp together;
+// kernels/cpu_module.cpp exposes them to Python). Each op's file documents its layouts and the
+// torch reference it is tested against.
+#pragma once
+
+#include <torch/extension.h>
+
+namespace lowbit_cpu {
+
+// cpu_ops.cpp: the decode step's small ops.
+torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps,
+                           torch::ScalarType out_dtype);
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
+                                     torch::Tensor block_tables, torch::Tensor context_lens, double scale);
+torch::Tensor rotary_kv_store(torch::Tensor heads, torch::Tensor cos, torch::Tensor sin, int64_t num_heads,
+                              int64_t kv_heads, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
+                              c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale);
+
+// cpu_gemm.cpp: group-quantized int4 / int8 GEMM.
+torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor mins,
+                        int64_t group_size, torch::ScalarType out_dtype, bool portable);
+torch::Tensor int8_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, int64_t group_size,
+                        torch::ScalarType out_dtype, bool portable);
+bool has_avx512();
+
+// cpu_decode_layer.cpp: a whole decoder layer for steps where every sequence has one new token.
+torch::Tensor silu_mul(torch::Tensor gate_up);
+torch::Tensor argmax_rows(torch::Tensor logits);
+
+}  // namespace lowbit_cpu
+
+namespace lowbit_cpu {
+
+// One Llama-family decoder layer for a step in which every sequence has exactly one new token:
+// the ops of runtime/models/llama.py DecoderLayer, with the same roundings, called from C++ so
+// that the ~25 torch dispatches and Python frames between them (~180 us a layer measured at one
+// token, more than the layer's arithmetic) are gone. Built once per layer at load, from weights
+// packed for cpu_gemm: each projection is [q, scales] (int8) or [q, scales, mins] (int4).
+class DecodeLayer {
+ public:
+  DecodeLayer(torch::Tensor input_norm, torch::Tensor post_norm, double eps,
+              std::vector<std::vector<torch::Tensor>> projections, std::vector<int64_t> group_sizes,
+              int64_t num_heads, int64_t kv_heads, double scale, torch::ScalarType dtype);
+
+  // x: the previous layer's output [T, hidden] (none for the first layer, whose input is already in
+  // residual); residual fp32 [T, hidden], updated in place. Returns this layer's output [T, hidden].
+  torch::Tensor forward(c10::optional<torch::Tensor> x, torch::Tensor residual, torch::Tensor cos,
+                        torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache,
+                        c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
+                        torch::Tensor slots, torch::Tensor block_tables, torch::Tensor context_lens) const;
+
+ private:
+  struct Projection {
+    std::vector<torch::Tensor> packed;
+    int64_t group_size;
+    torch::Tensor operator()(const torch::Tensor& x, torch::ScalarType dtype) const;
+  };
+  torch::Tensor input_norm_, post_norm_;
+  double eps_;
+  Projection qkv_, o_, gate_up_, down_;
+  int64_t num_heads_, kv_heads_;
+  double scale_;
+  torch::ScalarType dtype_;
+};
+
+}  // namespace lowbit_cpu
