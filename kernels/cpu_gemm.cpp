@@ -271,29 +271,31 @@ void run(const Problem& p, bool portable) {
   });
 }
 
-static void check_packed(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scales, int64_t K,
-                  int64_t group_size, bool int4) {
+// K follows from the packed weight; everything else is checked against it.
+static int64_t check_packed(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scales,
+                            int64_t group_size, bool int4) {
+  const int64_t width = int4 ? 64 : LANES;  // see the layout at the top
+  TORCH_CHECK(q.scalar_type() == (int4 ? torch::kUInt8 : torch::kInt8), "q: expected ",
+              int4 ? "uint8" : "int8", ", got ", q.scalar_type());
+  TORCH_CHECK(q.dim() == 3 && q.size(2) == width && q.is_contiguous(),
+              "q: expected contiguous [N/16, ", int4 ? "K/8" : "K", ", ", width, "], got ", q.sizes());
+  const int64_t K = int4 ? q.size(1) * 8 : q.size(1);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "x: expected [..., ", K, "], got ", x.sizes());
   TORCH_CHECK(x.is_floating_point(), "x: expected a floating dtype, got ", x.scalar_type());
   TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && K % group_size == 0,
               "group_size must be a multiple of 32 dividing K, got ", group_size, " for K = ", K);
-  const int64_t rows = int4 ? K / 8 : K, width = int4 ? 64 : LANES;  // see the layout at the top
-  TORCH_CHECK(q.dim() == 3 && q.size(1) == rows && q.size(2) == width && q.is_contiguous(),
-              "q: expected contiguous [N/16, ", rows, ", ", width, "], got ", q.sizes());
-  TORCH_CHECK(q.scalar_type() == (int4 ? torch::kUInt8 : torch::kInt8), "q: expected ",
-              int4 ? "uint8" : "int8", ", got ", q.scalar_type());
   TORCH_CHECK(scales.dim() == 3 && scales.size(0) == q.size(0) && scales.size(1) == K / group_size &&
                   scales.size(2) == LANES && scales.is_contiguous(),
               "scales: expected contiguous [N/16, K/G, 16], got ", scales.sizes());
   TORCH_CHECK(scales.scalar_type() == torch::kFloat || scales.scalar_type() == torch::kHalf,
               "scales: expected fp32 or fp16, got ", scales.scalar_type());
+  return K;
 }
 
 static torch::Tensor gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, const torch::Tensor* mins,
                    int64_t group_size, torch::ScalarType out_dtype, bool portable) {
   const bool int4 = mins != nullptr;
-  const int64_t K = x.size(-1);
-  check_packed(x, q, scales, K, group_size, int4);
+  const int64_t K = check_packed(x, q, scales, group_size, int4);
   if (int4)
     TORCH_CHECK(mins->sizes() == scales.sizes() && mins->scalar_type() == scales.scalar_type() &&
                     mins->is_contiguous(),

@@ -69,7 +69,10 @@ def pack_int8(qweight: torch.Tensor, scales: torch.Tensor) -> dict[str, torch.Te
 
 
 def int4_gemm(
-    x: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int, out_dtype: torch.dtype | None = None,
+    x: torch.Tensor,
+    packed: dict[str, torch.Tensor],
+    group_size: int,
+    out_dtype: torch.dtype | None = None,
     portable: bool = False,
 ) -> torch.Tensor:
     """x [..., K] -> [..., N] in out_dtype (default x's). portable: skip the AVX-512 path (tests)."""
@@ -79,7 +82,10 @@ def int4_gemm(
 
 
 def int8_gemm(
-    x: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int, out_dtype: torch.dtype | None = None,
+    x: torch.Tensor,
+    packed: dict[str, torch.Tensor],
+    group_size: int,
+    out_dtype: torch.dtype | None = None,
     portable: bool = False,
 ) -> torch.Tensor:
     """x [..., K] -> [..., N] in out_dtype (default x's). portable: skip the AVX-512 path (tests)."""

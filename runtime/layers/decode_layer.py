@@ -47,8 +47,9 @@ def compile_layer(layer: Any, dtype: torch.dtype) -> Any | None:
     projections = [_projection(p) for p in (attn.qkv, attn.o_proj, mlp.gate_up, mlp.down_proj)]
     if any(p is None for p in projections):
         return None
+    packed, group_sizes = zip(*projections, strict=True)
     return ops.DecodeLayer(
-        norms[0].weight, norms[1].weight, norms[0].eps, [p[0] for p in projections], [p[1] for p in projections],
+        norms[0].weight, norms[1].weight, norms[0].eps, list(packed), list(group_sizes),
         attn.num_heads, attn.num_kv_heads, attn.scale, dtype,
     )  # fmt: skip
 
@@ -70,6 +71,7 @@ def run_decode_layers(
     tables, lens = meta.decode_block_tables, meta.context_lens
     for layer, cache in zip(layers, kv_caches, strict=True):
         x = layer.forward(
-            x, residual, cos, sin, cache.k, cache.v, cache.k_scale, cache.v_scale, meta.slot_mapping, tables, lens
-        )
+            x, residual, cos, sin, cache.k, cache.v, cache.k_scale, cache.v_scale,
+            meta.slot_mapping, tables, lens,
+        )  # fmt: skip
     return x, residual

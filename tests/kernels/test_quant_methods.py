@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lowbit.kernels import cpu_ops
 from lowbit.kernels.w4a16_matmul import pack_int4, unpack_int4
 from lowbit.runtime.quant import (
     DenseConfig,
@@ -22,6 +23,7 @@ from lowbit.runtime.quant.rtn import quantize_rtn, quantize_w4a16_rtn, quantize_
 from .tolerance import TOL, assert_close_rel
 
 CPU = torch.device("cpu")
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 
 
 def random_w4(n: int, k: int, group: int, gen: torch.Generator) -> QuantizedWeight:
@@ -42,25 +44,36 @@ def random_dense(n: int, k: int, gen: torch.Generator) -> QuantizedWeight:
     return dense_weight(torch.randn(n, k, generator=gen) * 0.05)
 
 
-# (weight factory, dtype, expected kernel)
+# (weight factory, dtype, expected kernel, with the compiled CPU ops). Without them (no compiler, or
+# LOWBIT_CPU_OPS=0) the engine falls back to torch's int4pack / int8pack, checked here too.
 SELECTION = [
-    pytest.param(lambda g: random_dense(48, 64, g), torch.bfloat16, "torch-dense", id="dense-bf16"),
-    pytest.param(lambda g: random_dense(8, 40, g), torch.float32, "torch-dense", id="dense-fp32"),
-    pytest.param(lambda g: random_w4(48, 128, 64, g), torch.bfloat16, "cpu-int4pack", id="w4-bf16"),
-    pytest.param(lambda g: random_w4(16, 256, 256, g), torch.bfloat16, "cpu-int4pack", id="w4-bf16-g256"),
-    pytest.param(lambda g: random_w4(48, 128, 64, g), torch.float32, "dequantized", id="w4-fp32"),
-    pytest.param(lambda g: random_w4(8, 128, 64, g), torch.bfloat16, "dequantized", id="w4-bf16-n8"),
-    pytest.param(lambda g: random_w4(48, 128, 16, g), torch.bfloat16, "dequantized", id="w4-bf16-g16"),
-    pytest.param(lambda g: random_w8(48, 64, None, g), torch.bfloat16, "cpu-int8pack", id="w8-bf16"),
-    pytest.param(lambda g: random_w8(48, 64, 64, g), torch.bfloat16, "cpu-int8pack", id="w8-bf16-g=k"),
-    pytest.param(lambda g: random_w8(48, 64, None, g), torch.float32, "dequantized", id="w8-fp32"),
-    pytest.param(lambda g: random_w8(48, 64, 32, g), torch.bfloat16, "dequantized", id="w8-bf16-g32"),
-    pytest.param(lambda g: random_w8(8, 40, None, g), torch.bfloat16, "dequantized", id="w8-bf16-k40"),
+    pytest.param(lambda g: random_dense(48, 64, g), BF16, "torch-dense", True, id="dense-bf16"),
+    pytest.param(lambda g: random_dense(8, 40, g), FP32, "torch-dense", True, id="dense-fp32"),
+    pytest.param(lambda g: random_w4(48, 128, 64, g), BF16, "cpu-group-int4", True, id="w4-bf16"),
+    pytest.param(lambda g: random_w4(16, 256, 256, g), BF16, "cpu-group-int4", True, id="w4-g256"),
+    pytest.param(lambda g: random_w4(48, 128, 64, g), FP32, "cpu-group-int4", True, id="w4-fp32"),
+    pytest.param(lambda g: random_w4(48, 128, 32, g), FP16, "cpu-group-int4", True, id="w4-fp16"),
+    pytest.param(lambda g: random_w4(8, 128, 64, g), BF16, "dequantized", True, id="w4-bf16-n8"),
+    pytest.param(lambda g: random_w4(48, 128, 16, g), BF16, "dequantized", True, id="w4-bf16-g16"),
+    pytest.param(lambda g: random_w8(48, 64, None, g), BF16, "cpu-group-int8", True, id="w8-bf16"),
+    pytest.param(lambda g: random_w8(48, 64, 32, g), BF16, "cpu-group-int8", True, id="w8-g32"),
+    pytest.param(lambda g: random_w8(48, 64, None, g), FP32, "cpu-group-int8", True, id="w8-fp32"),
+    pytest.param(lambda g: random_w8(8, 40, None, g), BF16, "dequantized", True, id="w8-bf16-k40"),
+    pytest.param(lambda g: random_w4(48, 128, 64, g), BF16, "cpu-int4pack", False, id="w4-int4pack"),
+    pytest.param(lambda g: random_w4(16, 256, 256, g), BF16, "cpu-int4pack", False, id="w4-g256-pack"),
+    pytest.param(lambda g: random_w4(48, 128, 64, g), FP32, "dequantized", False, id="w4-fp32-eager"),
+    pytest.param(lambda g: random_w8(48, 64, None, g), BF16, "cpu-int8pack", False, id="w8-int8pack"),
+    pytest.param(lambda g: random_w8(48, 64, 64, g), BF16, "cpu-int8pack", False, id="w8-g=k-pack"),
+    pytest.param(lambda g: random_w8(48, 64, 32, g), BF16, "dequantized", False, id="w8-g32-eager"),
 ]
 
 
-@pytest.mark.parametrize(("make", "dtype", "kernel"), SELECTION)
-def test_load_selects_kernel_and_apply_matches_dequantized(make, dtype, kernel):
+@pytest.mark.parametrize(("make", "dtype", "kernel", "compiled"), SELECTION)
+def test_load_selects_kernel_and_apply_matches_dequantized(make, dtype, kernel, compiled, monkeypatch):
+    if not compiled:
+        monkeypatch.setattr(cpu_ops, "load", lambda: None)
+    elif cpu_ops.load() is None and kernel.startswith("cpu-group"):
+        pytest.skip("no C++ compiler here: the compiled CPU GEMMs are unavailable")
     weight = make(torch.Generator().manual_seed(0))
     method = method_for(weight.config)
     packed = method.load(weight, CPU, dtype)
@@ -268,7 +281,8 @@ def test_w8a16_rtn_exact_on_grid(group):
     assert torch.equal(method_for(qw.config).dequantize(qw.tensors), w)
 
 
-def test_rtn_packs_and_runs_end_to_end():
+def test_rtn_packs_and_runs_end_to_end(monkeypatch):
+    monkeypatch.setattr(cpu_ops, "load", lambda: None)  # torch's kernels; cpu_gemm's have their own tests
     w = _weight_with_zeros(48, 256, 10)
     x = torch.randn(3, 256, generator=torch.Generator().manual_seed(11)).to(torch.bfloat16)
     for scheme, kernel in [("w4a16", "cpu-int4pack"), ("w8a16", "cpu-int8pack")]:

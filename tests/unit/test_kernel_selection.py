@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lowbit.kernels import cpu_ops
 from lowbit.kernels.triton_support import HAS_TRITON, use_triton
 from lowbit.runtime.quant import W4A16Config, W8A8Config, W8A16Config, method_for
 
@@ -31,9 +32,12 @@ def test_cuda_takes_the_triton_gemms(dtype):
 def test_cpu_takes_the_cpu_kernels(monkeypatch):
     # The test session interprets Triton, yet a CPU engine must still take the CPU kernels.
     monkeypatch.delenv("LOWBIT_TRITON_ON_CPU", raising=False)
-    assert kernel_name(W4A16Config(group_size=32), CPU, torch.bfloat16) == "cpu-int4pack"
-    assert kernel_name(W4A16Config(group_size=32), CPU, torch.float32) == "dequantized"
-    assert kernel_name(W8A16Config(), CPU, torch.bfloat16) == "cpu-int8pack"
+    compiled = cpu_ops.load() is not None  # else torch's packed kernels
+    int4, int8 = ("cpu-group-int4", "cpu-group-int8") if compiled else ("cpu-int4pack", "cpu-int8pack")
+    assert kernel_name(W4A16Config(group_size=32), CPU, torch.bfloat16) == int4
+    fp32_int4 = int4 if compiled else "dequantized"  # int4pack is bf16-only
+    assert kernel_name(W4A16Config(group_size=32), CPU, torch.float32) == fp32_int4
+    assert kernel_name(W8A16Config(), CPU, torch.bfloat16) == int8
     assert kernel_name(W8A8Config(), CPU, torch.bfloat16) == "cpu-int-mm"
     assert not use_triton(CPU)
 

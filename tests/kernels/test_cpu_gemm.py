@@ -1,0 +1,162 @@
+"""The group-quantized CPU GEMMs (kernels/cpu_gemm.cpp) against fp32 dequantize-then-matmul
+(`w4a16_matmul_ref`, `w8a16_matmul_ref`), on both compiled paths (AVX-512 where the CPU has it,
+and the portable loops), every activation dtype, fp16 and fp32 scales, ragged M and several group
+sizes; the packed layout against its definition; and the small decode-step ops beside them
+(silu_mul, argmax_rows) against torch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowbit.kernels import cpu_gemm
+from lowbit.kernels.w4a16_matmul import pack_int4, w4a16_matmul_ref
+from lowbit.kernels.w8a16_matmul import w8a16_matmul_ref
+
+from .tolerance import assert_close_rel
+
+ops = cpu_gemm.load()
+pytestmark = pytest.mark.skipif(ops is None, reason="no C++ compiler: the torch kernels are used instead")
+PATHS = [pytest.param(False, id="avx512"), pytest.param(True, id="portable")]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Only the summation order differs from the fp32 reference (and, for bf16 activations, the weights
+# enter as q + 128 with 128 * sum(x) taken back per group: ~1e-6 of the output's range measured).
+FP32_REL = 1e-5
+# (N, K, G): GGUF blocks of 32, GPTQ/AWQ groups of 64 and 128, per-channel int8 (G = K).
+SHAPES = [(16, 32, 32), (48, 128, 32), (32, 256, 64), (64, 384, 128), (16, 1536, 32)]
+ROWS = [1, 2, 3, 4, 5, 9]
+
+
+def _int4_weight(n: int, k: int, g: int, gen: torch.Generator, fp16_scales: bool):
+    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    scales = torch.rand(n, k // g, generator=gen) * 0.02 + 0.005
+    mins = -torch.rand(n, k // g, generator=gen) * 0.1
+    if fp16_scales:  # what GGUF stores: packed as fp16
+        scales, mins = scales.half().float(), mins.half().float()
+    return pack_int4(q), scales, mins
+
+
+def _int8_weight(n: int, k: int, g: int, gen: torch.Generator, fp16_scales: bool):
+    q = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    scales = torch.rand(n, k // g, generator=gen) * 0.01 + 1e-3
+    return q, scales.half().float() if fp16_scales else scales
+
+
+@pytest.mark.parametrize("portable", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fp16_scales", [True, False], ids=["fp16-scales", "fp32-scales"])
+@pytest.mark.parametrize(("n", "k", "g"), SHAPES)
+def test_int4_gemm_matches_reference(n, k, g, fp16_scales, dtype, portable):
+    gen = torch.Generator().manual_seed(n + k + g)
+    qweight, scales, mins = _int4_weight(n, k, g, gen, fp16_scales)
+    packed = cpu_gemm.pack_int4(qweight, scales, mins)
+    assert packed["scales"].dtype == (torch.float16 if fp16_scales else torch.float32)
+    for m in ROWS:
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        expected = w4a16_matmul_ref(x.float(), qweight, scales, mins, g)  # fp32
+        y = cpu_gemm.int4_gemm(x, packed, g, out_dtype=torch.float32, portable=portable)
+        assert y.shape == (m, n) and y.dtype == torch.float32
+        assert_close_rel(y, expected, FP32_REL)
+        y_cast = cpu_gemm.int4_gemm(x, packed, g, portable=portable)  # default: x's dtype
+        assert y_cast.dtype == dtype
+        assert torch.equal(y_cast, y.to(dtype))
+
+
+@pytest.mark.parametrize("portable", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fp16_scales", [True, False], ids=["fp16-scales", "fp32-scales"])
+@pytest.mark.parametrize(("n", "k", "g"), [*SHAPES, (32, 96, 96)])
+def test_int8_gemm_matches_reference(n, k, g, fp16_scales, dtype, portable):
+    gen = torch.Generator().manual_seed(n * k + g)
+    qweight, scales = _int8_weight(n, k, g, gen, fp16_scales)
+    packed = cpu_gemm.pack_int8(qweight, scales)
+    for m in ROWS:
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        y = cpu_gemm.int8_gemm(x, packed, g, out_dtype=torch.float32, portable=portable)
+        assert_close_rel(y, w8a16_matmul_ref(x.float(), qweight, scales), FP32_REL)
+
+
+def test_leading_dimensions_are_kept():
+    gen = torch.Generator().manual_seed(0)
+    qweight, scales, mins = _int4_weight(32, 64, 32, gen, True)
+    packed = cpu_gemm.pack_int4(qweight, scales, mins)
+    x = torch.randn(2, 3, 64, generator=gen)
+    y = cpu_gemm.int4_gemm(x, packed, 32)
+    assert y.shape == (2, 3, 32)
+    assert torch.equal(y.reshape(6, 32), cpu_gemm.int4_gemm(x.reshape(6, 64), packed, 32))
+    assert torch.equal(cpu_gemm.int4_gemm(x[:, 1], packed, 32), y[:, 1])  # a strided view
+
+
+def _int4_byte(r: int, f: int) -> int:
+    """The layout's definition (cpu_gemm.cpp): 16 rows x 8 features per 64-byte chunk."""
+    return 16 * (r // 4) + 8 * ((f % 4) // 2) + 2 * (r % 4) + f % 2
+
+
+def test_int4_packing_follows_the_layout():
+    gen = torch.Generator().manual_seed(3)
+    n, k = 32, 64
+    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    packed = cpu_gemm.pack_int4(pack_int4(q), torch.ones(n, 2), torch.zeros(n, 2))["q"]
+    assert packed.shape == (n // 16, k // 8, 64)
+    for row in range(n):
+        for feature in range(k):
+            byte = int(packed[row // 16, feature // 8, _int4_byte(row % 16, feature % 8)])
+            nibble = byte & 15 if feature % 8 < 4 else byte >> 4
+            assert nibble == q[row, feature], (row, feature)
+
+
+def test_int8_packing_puts_16_rows_side_by_side():
+    q = torch.arange(32 * 8, dtype=torch.int32).reshape(32, 8).remainder(251).sub(125).to(torch.int8)
+    packed = cpu_gemm.pack_int8(q, torch.ones(32, 1))["q"]
+    assert packed.shape == (2, 8, 16)
+    assert torch.equal(packed[1, 5], q[16:32, 5])
+
+
+def test_bad_inputs_are_refused_with_a_reason():
+    gen = torch.Generator().manual_seed(0)
+    qweight, scales, mins = _int4_weight(32, 64, 32, gen, True)
+    packed = cpu_gemm.pack_int4(qweight, scales, mins)
+    with pytest.raises(RuntimeError, match=r"x: expected \[\.\.\., 64\]"):
+        cpu_gemm.int4_gemm(torch.randn(1, 32), packed, 32)
+    with pytest.raises(RuntimeError, match="group_size must be a multiple of 32"):
+        cpu_gemm.int4_gemm(torch.randn(1, 64), packed, 16)
+    with pytest.raises(RuntimeError, match="scales: expected contiguous"):
+        cpu_gemm.int4_gemm(torch.randn(1, 64), packed, 64)
+    with pytest.raises(RuntimeError, match="q: expected int8"):
+        cpu_gemm.int8_gemm(torch.randn(1, 64), {"q": packed["q"], "scales": packed["scales"]}, 32)
+    with pytest.raises(RuntimeError, match="x: expected a floating dtype"):
+        cpu_gemm.int4_gemm(torch.ones(1, 64, dtype=torch.int32), packed, 32)
+
+
+def test_supports_names_what_does_not_fit():
+    assert cpu_gemm.supports(48, 128, 32) is None
+    assert "multiple of 16" in cpu_gemm.supports(40, 128, 32)
+    assert "multiple of 32" in cpu_gemm.supports(48, 128, 16)
+    assert "dividing in_features" in cpu_gemm.supports(48, 96, 64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_matches_eager(dtype):
+    gen = torch.Generator().manual_seed(5)
+    gate_up = (torch.randn(3, 2 * 1536, generator=gen) * 4).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = F.silu(gate) * up
+    out = ops.silu_mul(gate_up)
+    assert out.dtype == dtype and out.shape == (3, 1536)
+    # Both round silu to the dtype, then the product; exp may differ in its last fp32 bit, which
+    # can move a 16-bit result by one unit in the last place.
+    ulp = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+    torch.testing.assert_close(out.float(), expected.float(), rtol=ulp, atol=1e-6)
+
+
+def test_argmax_rows_matches_torch():
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(5, 49152, generator=gen)
+    logits[1, 7] = logits[1, 9000] = 50.0  # a tie: the first wins
+    logits[2, 123] = float("nan")  # NaN counts as the maximum
+    logits[3] = float("-inf")
+    logits[4, -1] = 1e9
+    assert torch.equal(ops.argmax_rows(logits), logits.argmax(dim=-1))
+    with pytest.raises(RuntimeError, match="logits: expected fp32"):
+        ops.argmax_rows(logits.half())
