@@ -146,6 +146,9 @@ def test_round_trip_gives_the_same_weights_and_logits(tmp_path, tokenizer, fmt, 
     torch.testing.assert_close(ours, _in_memory_logits(checkpoint, ids), atol=1e-5, rtol=0)
 
 
+DENSE_VS_PACKED_TOL = 5e-4
+
+
 def test_dense_safetensors_holds_the_dequantized_weights(tmp_path, tokenizer):
     checkpoint = _checkpoint(tokenizer, "w4a16", tie=True, quantized_embedding=True)
     path = write_checkpoint(checkpoint, tmp_path / "out", "safetensors", dense_dtype=torch.float32)
@@ -157,7 +160,9 @@ def test_dense_safetensors_holds_the_dequantized_weights(tmp_path, tokenizer):
     _assert_same_weights(path, checkpoint, written_dense=True)
     ids = IDS
     ours = LLM(str(path), dtype="float32", kv_cache_memory=KV).engine.score(ids)
-    torch.testing.assert_close(ours, _in_memory_logits(checkpoint, ids), atol=1e-5, rtol=0)
+    # The written model runs dense matmuls, the in-memory one the int4 kernel, which sums
+    # scale * sum(q x) + min * sum(x) per group: the same products in another order (~1e-4).
+    torch.testing.assert_close(ours, _in_memory_logits(checkpoint, ids), atol=DENSE_VS_PACKED_TOL, rtol=0)
 
 
 def test_gptq_directory_files(tmp_path, tokenizer):
