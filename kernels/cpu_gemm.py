@@ -68,6 +68,13 @@ def pack_int8(qweight: torch.Tensor, scales: torch.Tensor) -> dict[str, torch.Te
     return {"q": _by_block(qweight), "scales": packed_scales}
 
 
+def gather_int8_rows(packed: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Canonical W8A16 tensors (qweight int8 [R, K], scales fp32 [R, K/G]) of the given weight rows,
+    read from the packed layout: a tied embedding table can share the vocabulary projection's."""
+    blocks, lanes = rows // LANES, rows % LANES
+    return {"qweight": packed["q"][blocks, :, lanes], "scales": packed["scales"][blocks, :, lanes].float()}
+
+
 def int4_gemm(
     x: torch.Tensor,
     packed: dict[str, torch.Tensor],

@@ -117,6 +117,7 @@ class _GGUFWeights:
             weight = decode_tensor(self.gguf.tensor_bytes(gguf_name), info.qtype, info.shape)
         except ValueError as e:
             raise ValueError(f"{self.gguf.path}: tensor {gguf_name!r}: {e}") from None
+        self.gguf.release(gguf_name)
         proj = name.split(".")[-2]
         if proj in self.unpermute:
             index = self.unpermute[proj]

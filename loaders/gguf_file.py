@@ -65,6 +65,20 @@ class GGUFFile:
         flat = np.frombuffer(self.buffer, dtype=np.uint8, count=info.nbytes, offset=info.offset)
         return flat.reshape(*info.shape[:-1], row_bytes)
 
+    def release(self, name: str) -> None:
+        """Drop one tensor's pages from this process's resident set once it has been decoded.
+        Read pages of a file mapping stay resident until the mapping closes: without this, a
+        model's whole file adds to peak memory during load (measured +80 MB for the default
+        model). Reading the range again later faults it back in from the page cache."""
+        if not hasattr(mmap, "MADV_DONTNEED"):  # not Linux: the pages go when the mapping does
+            return
+        info = self.tensors[name]
+        start = info.offset - info.offset % mmap.PAGESIZE
+        end = min(info.offset + info.nbytes, len(self.buffer))
+        end = end - end % mmap.PAGESIZE  # page-aligned; a page shared with the next tensor stays
+        if end > start:
+            self.buffer.madvise(mmap.MADV_DONTNEED, start, end - start)
+
 
 class _Cursor:
     """Bounds-checked little-endian reads over the mapped file."""

@@ -118,6 +118,8 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(w("model.norm.weight"), config.rms_norm_eps, device, lm_head_dtype or dtype)
         head = embed if config.tie_word_embeddings else w("lm_head.weight")
         self.lm_head = Linear(head, device, lm_head_dtype or dtype)
+        if config.tie_word_embeddings:
+            self.embed_tokens.share(self.lm_head.packed)
         # One compiled call per layer for decode steps on CPU, where the model allows (else None).
         self.decode_layers = compile_layers(self.layers, dtype) if device.type == "cpu" else None
 

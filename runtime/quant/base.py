@@ -93,6 +93,8 @@ class LinearKernel(ABC):
     name: ClassVar[str]
     # True if `apply` also takes a `QuantizedActivation` (int8 rows + scales from a fused norm).
     takes_quantized_input: ClassVar[bool] = False
+    # True if `gather_rows` reads weight rows back from the packed tensors.
+    keeps_rows: ClassVar[bool] = False
 
     def __init__(self, method: QuantLinearMethod, device: torch.device, dtype: torch.dtype) -> None:
         self.method = method
@@ -119,6 +121,11 @@ class LinearKernel(ABC):
     @abstractmethod
     def apply(self, x: torch.Tensor, packed: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """x [..., in_features] in `self.dtype` -> [..., out_features] in `self.dtype`."""
+
+    def gather_rows(self, packed: Mapping[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The canonical tensors of some weight rows, read back exactly from the packed ones (then
+        a tied embedding table needs no copy of its own). Only kernels with `keeps_rows`."""
+        raise NotImplementedError(f"{self.name} does not keep weight rows readable")
 
 
 def cpu_bf16_only(device: torch.device, dtype: torch.dtype) -> str | None:

@@ -31,6 +31,7 @@ class CpuGroupInt8Kernel(LinearKernel):
     one token against 2.1 ms for the dense fp16 weight it replaces (2 threads, Xeon)."""
 
     name = "cpu-group-int8"
+    keeps_rows = True
 
     @classmethod
     def can_implement(cls, config, out_features, in_features, device, dtype):
@@ -43,6 +44,9 @@ class CpuGroupInt8Kernel(LinearKernel):
 
     def apply(self, x, packed):
         return cpu_gemm.int8_gemm(x, packed, self.config.group_size or x.shape[-1])
+
+    def gather_rows(self, packed, rows):
+        return cpu_gemm.gather_int8_rows(packed, rows)
 
 
 class CpuInt8PackKernel(LinearKernel):

@@ -160,3 +160,32 @@ def test_argmax_rows_matches_torch():
     assert torch.equal(ops.argmax_rows(logits), logits.argmax(dim=-1))
     with pytest.raises(RuntimeError, match="logits: expected fp32"):
         ops.argmax_rows(logits.half())
+
+
+@pytest.mark.parametrize("fp16_scales", [True, False], ids=["fp16-scales", "fp32-scales"])
+def test_gather_int8_rows_reads_back_the_canonical_rows(fp16_scales):
+    gen = torch.Generator().manual_seed(7)
+    qweight, scales = _int8_weight(64, 96, 32, gen, fp16_scales)
+    rows = torch.tensor([0, 17, 63, 17, 40])
+    got = cpu_gemm.gather_int8_rows(cpu_gemm.pack_int8(qweight, scales), rows)
+    assert torch.equal(got["qweight"], qweight[rows])
+    assert torch.equal(got["scales"], scales[rows])
+
+
+def test_tied_embedding_reads_the_packed_vocabulary_projection():
+    from lowbit.runtime.layers.embedding import Embedding
+    from lowbit.runtime.layers.linear import Linear
+    from lowbit.runtime.quant import QuantizedWeight, W8A16Config, method_for
+
+    gen = torch.Generator().manual_seed(8)
+    qweight, scales = _int8_weight(48, 64, 32, gen, True)
+    table = QuantizedWeight(W8A16Config(32), 48, 64, {"qweight": qweight, "scales": scales})
+    cpu = torch.device("cpu")
+    embedding, head = Embedding(table, cpu), Linear(table, cpu, torch.float16)
+    ids = torch.tensor([3, 47, 0, 3])
+    own = embedding(ids)
+    embedding.share(head.packed)
+    assert embedding.shared is head.packed and embedding.nbytes() == 0
+    assert torch.equal(embedding(ids), own)
+    expected = method_for(table.config).dequantize({"qweight": qweight[ids], "scales": scales[ids]})
+    assert torch.equal(own, expected)

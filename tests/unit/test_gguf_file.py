@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
@@ -71,6 +73,30 @@ def test_real_model_tensor_bytes_match_gguf_reader(real, name):
     assert got.dtype == np.uint8
     assert got.shape == expected.shape
     assert np.array_equal(got, expected)
+
+
+def _file_backed_rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("RssFile:")).split()[1])
+
+
+def test_release_keeps_the_bytes_readable(default_gguf):
+    """release() only drops resident pages: the tensor reads back the same afterwards."""
+    gguf = read_gguf(default_gguf)
+    for name in ("token_embd.weight", "blk.3.ffn_up.weight", "blk.3.attn_norm.weight"):
+        before = gguf.tensor_bytes(name).copy()
+        gguf.release(name)
+        assert np.array_equal(gguf.tensor_bytes(name), before), name
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssFile from /proc")
+def test_release_drops_the_pages_from_the_resident_set(default_gguf):
+    gguf = read_gguf(default_gguf)
+    table = gguf.tensor_bytes("token_embd.weight")  # 30 MiB of Q8_0 blocks
+    assert int(table.sum(dtype=np.uint64)) > 0  # touch every page
+    before = _file_backed_rss_kib()
+    gguf.release("token_embd.weight")
+    assert before - _file_backed_rss_kib() > 0.9 * table.nbytes / 1024
 
 
 # ---------------------------------------------------------------------------------------------
