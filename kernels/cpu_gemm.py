@@ -75,25 +75,16 @@ def gather_int8_rows(packed: dict[str, torch.Tensor], rows: torch.Tensor) -> dic
     return {"qweight": packed["q"][blocks, :, lanes], "scales": packed["scales"][blocks, :, lanes].float()}
 
 
-def int4_gemm(
+def gemm(
     x: torch.Tensor,
     packed: dict[str, torch.Tensor],
     group_size: int,
     out_dtype: torch.dtype | None = None,
     portable: bool = False,
 ) -> torch.Tensor:
-    """x [..., K] -> [..., N] in out_dtype (default x's). portable: skip the AVX-512 path (tests)."""
-    return load().int4_gemm(
-        x, packed["q"], packed["scales"], packed["mins"], group_size, out_dtype or x.dtype, portable
-    )
-
-
-def int8_gemm(
-    x: torch.Tensor,
-    packed: dict[str, torch.Tensor],
-    group_size: int,
-    out_dtype: torch.dtype | None = None,
-    portable: bool = False,
-) -> torch.Tensor:
-    """x [..., K] -> [..., N] in out_dtype (default x's). portable: skip the AVX-512 path (tests)."""
-    return load().int8_gemm(x, packed["q"], packed["scales"], group_size, out_dtype or x.dtype, portable)
+    """x [..., K] -> [..., N] in out_dtype (default x's), for weights from pack_int4 (they have
+    mins) or pack_int8. portable: skip the AVX-512 path (tests run both)."""
+    ops, out_dtype, q, scales = load(), out_dtype or x.dtype, packed["q"], packed["scales"]
+    if "mins" in packed:
+        return ops.int4_gemm(x, q, scales, packed["mins"], group_size, out_dtype, portable)
+    return ops.int8_gemm(x, q, scales, group_size, out_dtype, portable)

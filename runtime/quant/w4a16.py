@@ -56,7 +56,7 @@ class CpuGroupInt4Kernel(LinearKernel):
     def apply(self, x, packed):
         if self.config.act_order:
             x = x.index_select(-1, packed["perm"])
-        return cpu_gemm.int4_gemm(x, packed, self.config.group_size)
+        return cpu_gemm.gemm(x, packed, self.config.group_size)
 
 
 class CpuInt4PackKernel(LinearKernel):

@@ -43,7 +43,7 @@ class CpuGroupInt8Kernel(LinearKernel):
         return cpu_gemm.pack_int8(tensors["qweight"], tensors["scales"])
 
     def apply(self, x, packed):
-        return cpu_gemm.int8_gemm(x, packed, self.config.group_size or x.shape[-1])
+        return cpu_gemm.gemm(x, packed, self.config.group_size or x.shape[-1])
 
     def gather_rows(self, packed, rows):
         return cpu_gemm.gather_int8_rows(packed, rows)

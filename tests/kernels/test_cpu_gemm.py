@@ -55,10 +55,10 @@ def test_int4_gemm_matches_reference(n, k, g, fp16_scales, dtype, portable):
     for m in ROWS:
         x = torch.randn(m, k, generator=gen).to(dtype)
         expected = w4a16_matmul_ref(x.float(), qweight, scales, mins, g)  # fp32
-        y = cpu_gemm.int4_gemm(x, packed, g, out_dtype=torch.float32, portable=portable)
+        y = cpu_gemm.gemm(x, packed, g, out_dtype=torch.float32, portable=portable)
         assert y.shape == (m, n) and y.dtype == torch.float32
         assert_close_rel(y, expected, FP32_REL)
-        y_cast = cpu_gemm.int4_gemm(x, packed, g, portable=portable)  # default: x's dtype
+        y_cast = cpu_gemm.gemm(x, packed, g, portable=portable)  # default: x's dtype
         assert y_cast.dtype == dtype
         assert torch.equal(y_cast, y.to(dtype))
 
@@ -73,7 +73,7 @@ def test_int8_gemm_matches_reference(n, k, g, fp16_scales, dtype, portable):
     packed = cpu_gemm.pack_int8(qweight, scales)
     for m in ROWS:
         x = torch.randn(m, k, generator=gen).to(dtype)
-        y = cpu_gemm.int8_gemm(x, packed, g, out_dtype=torch.float32, portable=portable)
+        y = cpu_gemm.gemm(x, packed, g, out_dtype=torch.float32, portable=portable)
         assert_close_rel(y, w8a16_matmul_ref(x.float(), qweight, scales), FP32_REL)
 
 
@@ -82,10 +82,10 @@ def test_leading_dimensions_are_kept():
     qweight, scales, mins = _int4_weight(32, 64, 32, gen, True)
     packed = cpu_gemm.pack_int4(qweight, scales, mins)
     x = torch.randn(2, 3, 64, generator=gen)
-    y = cpu_gemm.int4_gemm(x, packed, 32)
+    y = cpu_gemm.gemm(x, packed, 32)
     assert y.shape == (2, 3, 32)
-    assert torch.equal(y.reshape(6, 32), cpu_gemm.int4_gemm(x.reshape(6, 64), packed, 32))
-    assert torch.equal(cpu_gemm.int4_gemm(x[:, 1], packed, 32), y[:, 1])  # a strided view
+    assert torch.equal(y.reshape(6, 32), cpu_gemm.gemm(x.reshape(6, 64), packed, 32))
+    assert torch.equal(cpu_gemm.gemm(x[:, 1], packed, 32), y[:, 1])  # a strided view
 
 
 def _int4_byte(r: int, f: int) -> int:
@@ -118,15 +118,15 @@ def test_bad_inputs_are_refused_with_a_reason():
     qweight, scales, mins = _int4_weight(32, 64, 32, gen, True)
     packed = cpu_gemm.pack_int4(qweight, scales, mins)
     with pytest.raises(RuntimeError, match=r"x: expected \[\.\.\., 64\]"):
-        cpu_gemm.int4_gemm(torch.randn(1, 32), packed, 32)
+        cpu_gemm.gemm(torch.randn(1, 32), packed, 32)
     with pytest.raises(RuntimeError, match="group_size must be a multiple of 32"):
-        cpu_gemm.int4_gemm(torch.randn(1, 64), packed, 16)
+        cpu_gemm.gemm(torch.randn(1, 64), packed, 16)
     with pytest.raises(RuntimeError, match="scales: expected contiguous"):
-        cpu_gemm.int4_gemm(torch.randn(1, 64), packed, 64)
+        cpu_gemm.gemm(torch.randn(1, 64), packed, 64)
     with pytest.raises(RuntimeError, match="q: expected int8"):
-        cpu_gemm.int8_gemm(torch.randn(1, 64), {"q": packed["q"], "scales": packed["scales"]}, 32)
+        cpu_gemm.gemm(torch.randn(1, 64), {"q": packed["q"], "scales": packed["scales"]}, 32)
     with pytest.raises(RuntimeError, match="x: expected a floating dtype"):
-        cpu_gemm.int4_gemm(torch.ones(1, 64, dtype=torch.int32), packed, 32)
+        cpu_gemm.gemm(torch.ones(1, 64, dtype=torch.int32), packed, 32)
 
 
 def test_supports_names_what_does_not_fit():
