@@ -281,17 +281,16 @@ void run(const Problem& p, bool portable) {
   });
 }
 
-// K follows from the packed weight; everything else is checked against it.
-static int64_t check_packed(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scales,
-                            int64_t group_size, bool int4) {
+// K follows from the packed weight; scales and mins are checked against it.
+static int64_t check_weight(const torch::Tensor& q, const torch::Tensor& scales, const torch::Tensor* mins,
+                            int64_t group_size) {
+  const bool int4 = mins != nullptr;
   const int64_t width = int4 ? 64 : LANES;  // see the layout at the top
   TORCH_CHECK(q.scalar_type() == (int4 ? torch::kUInt8 : torch::kInt8), "q: expected ",
               int4 ? "uint8" : "int8", ", got ", q.scalar_type());
   TORCH_CHECK(q.dim() == 3 && q.size(2) == width && q.is_contiguous(),
               "q: expected contiguous [N/16, ", int4 ? "K/8" : "K", ", ", width, "], got ", q.sizes());
   const int64_t K = int4 ? q.size(1) * 8 : q.size(1);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "x: expected [..., ", K, "], got ", x.sizes());
-  TORCH_CHECK(x.is_floating_point(), "x: expected a floating dtype, got ", x.scalar_type());
   TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && K % group_size == 0,
               "group_size must be a multiple of 32 dividing K, got ", group_size, " for K = ", K);
   TORCH_CHECK(scales.dim() == 3 && scales.size(0) == q.size(0) && scales.size(1) == K / group_size &&
@@ -299,17 +298,19 @@ static int64_t check_packed(const torch::Tensor& x, const torch::Tensor& q, cons
               "scales: expected contiguous [N/16, K/G, 16], got ", scales.sizes());
   TORCH_CHECK(scales.scalar_type() == torch::kFloat || scales.scalar_type() == torch::kHalf,
               "scales: expected fp32 or fp16, got ", scales.scalar_type());
+  if (int4)
+    TORCH_CHECK(mins->sizes() == scales.sizes() && mins->scalar_type() == scales.scalar_type() &&
+                    mins->is_contiguous(),
+                "mins: expected the shape and dtype of scales");
   return K;
 }
 
 static torch::Tensor gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, const torch::Tensor* mins,
                    int64_t group_size, torch::ScalarType out_dtype, bool portable) {
   const bool int4 = mins != nullptr;
-  const int64_t K = check_packed(x, q, scales, group_size, int4);
-  if (int4)
-    TORCH_CHECK(mins->sizes() == scales.sizes() && mins->scalar_type() == scales.scalar_type() &&
-                    mins->is_contiguous(),
-                "mins: expected the shape and dtype of scales");
+  const int64_t K = check_weight(q, scales, mins, group_size);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "x: expected [..., ", K, "], got ", x.sizes());
+  TORCH_CHECK(x.is_floating_point(), "x: expected a floating dtype, got ", x.scalar_type());
   const int64_t M = x.numel() / K, N = q.size(0) * LANES, groups = K / group_size;
   // Activations in fp32 once per call (M x K is small next to the weight), with per-group sums
   // for the int4 min term. Done here rather than with torch ops: at one token per step the
@@ -352,6 +353,41 @@ torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, 
 torch::Tensor int8_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, int64_t group_size,
                         torch::ScalarType out_dtype, bool portable) {
   return gemm(x, q, scales, nullptr, group_size, out_dtype, portable);
+}
+
+// The dense weight [N, K] in dtype: w = q * scale (+ min). For large M a dense matmul of it
+// (oneDNN, with AMX where the CPU has it) beats the per-row kernel several times over.
+torch::Tensor dequantize(torch::Tensor q, torch::Tensor scales, c10::optional<torch::Tensor> mins,
+                         int64_t group_size, torch::ScalarType dtype) {
+  const torch::Tensor* m = mins.has_value() ? &*mins : nullptr;
+  const int64_t K = check_weight(q, scales, m, group_size), blocks = q.size(0), groups = K / group_size;
+  auto w = torch::empty({blocks * LANES, K}, q.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "cpu_gemm_dequantize", [&] {
+    scalar_t* out = w.data_ptr<scalar_t>();
+    const auto* qp = static_cast<const uint8_t*>(q.data_ptr());
+    const bool half = scales.scalar_type() == torch::kHalf;
+    auto value_at = [&](const torch::Tensor& t, int64_t i) {
+      return half ? static_cast<float>(static_cast<const c10::Half*>(t.data_ptr())[i])
+                  : static_cast<const float*>(t.data_ptr())[i];
+    };
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const uint8_t* qb = qp + b * K * (m ? 8 : 16);
+        for (int r = 0; r < LANES; ++r) {
+          scalar_t* row = out + (b * LANES + r) * K;
+          for (int64_t g = 0; g < groups; ++g) {
+            const int64_t sg = (b * groups + g) * LANES + r;
+            const float s = value_at(scales, sg), mn = m ? value_at(*m, sg) : 0.f;
+            for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) {
+              const float v = m ? weight_at<true>(qb, K, r, k) : weight_at<false>(qb, K, r, k);
+              row[k] = static_cast<scalar_t>(v * s + mn);
+            }
+          }
+        }
+      }
+    });
+  });
+  return w;
 }
 
 bool has_avx512() {

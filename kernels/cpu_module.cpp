@@ -9,6 +9,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_kv_store", &ops::rotary_kv_store, "rotate q and k, store k and v in the paged cache, return q");
   m.def("int4_gemm", &ops::int4_gemm, "x @ W.T for group-quantized affine int4 W in cpu_gemm's block layout");
   m.def("int8_gemm", &ops::int8_gemm, "x @ W.T for group-quantized symmetric int8 W in cpu_gemm's block layout");
+  m.def("dequantize", &ops::dequantize, "the dense [N, K] weight of a cpu_gemm-packed one");
   m.def("has_avx512", &ops::has_avx512, "whether the AVX-512 GEMM path was compiled in");
   m.def("silu_mul", &ops::silu_mul, "silu(gate) * up over a fused [T, 2I] gate/up output");
   m.def("argmax_rows", &ops::argmax_rows, "first maximum of each row of fp32 logits");

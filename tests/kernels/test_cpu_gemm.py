@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.kernels import cpu_gemm
-from lowbit.kernels.w4a16_matmul import pack_int4, w4a16_matmul_ref
+from lowbit.kernels.w4a16_matmul import dequantize_w4a16_ref, pack_int4, w4a16_matmul_ref
 from lowbit.kernels.w8a16_matmul import w8a16_matmul_ref
 
 from .tolerance import assert_close_rel
@@ -189,3 +189,44 @@ def test_tied_embedding_reads_the_packed_vocabulary_projection():
     assert torch.equal(embedding(ids), own)
     expected = method_for(table.config).dequantize({"qweight": qweight[ids], "scales": scales[ids]})
     assert torch.equal(own, expected)
+
+
+# Large M dequantizes to x's dtype and runs torch's matmul: bf16/fp16 weights are rounded there.
+DENSE_REL = {torch.float32: FP32_REL, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_many_rows_take_the_dense_path(bits, dtype, monkeypatch):
+    gen = torch.Generator().manual_seed(bits)
+    n, k, g = 96, 128, 32
+    if bits == 4:
+        qweight, scales, mins = _int4_weight(n, k, g, gen, True)
+        packed, reference = cpu_gemm.pack_int4(qweight, scales, mins), w4a16_matmul_ref
+        args = (qweight, scales, mins, g)
+    else:
+        qweight, scales = _int8_weight(n, k, g, gen, True)
+        packed, reference = cpu_gemm.pack_int8(qweight, scales), w8a16_matmul_ref
+        args = (qweight, scales)
+    monkeypatch.setattr(cpu_gemm, "DENSE_CHUNK_ROWS", 32)  # three chunks of the weight
+    for m in (cpu_gemm.DENSE_ROWS, 70):
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        expected = reference(x.float(), *args)
+        y = cpu_gemm.gemm(x, packed, g)
+        assert y.dtype == dtype and y.shape == (m, n)
+        assert_close_rel(y, expected, DENSE_REL[dtype])
+        portable = cpu_gemm.gemm(x, packed, g, out_dtype=torch.float32, portable=True)  # the row kernel
+        assert_close_rel(portable, expected, FP32_REL)
+
+
+def test_dequantize_matches_the_canonical_weight():
+    # q * scale + min with one rounding (a fused multiply-add) where the reference rounds twice.
+    close = {"rtol": 1e-6, "atol": 1e-7}
+    gen = torch.Generator().manual_seed(9)
+    qweight, scales, mins = _int4_weight(32, 64, 32, gen, False)
+    dense = ops.dequantize(*cpu_gemm.pack_int4(qweight, scales, mins).values(), 32, torch.float32)
+    torch.testing.assert_close(dense, dequantize_w4a16_ref(qweight, scales, mins, 32), **close)
+    q8, s8 = _int8_weight(32, 64, 32, gen, False)
+    packed = cpu_gemm.pack_int8(q8, s8)
+    dense = ops.dequantize(packed["q"], packed["scales"], None, 32, torch.bfloat16)
+    torch.testing.assert_close(dense, (q8.float() * s8.repeat_interleave(32, 1)).bfloat16(), rtol=0, atol=0)
