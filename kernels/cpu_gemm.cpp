@@ -27,6 +27,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace lowbit_cpu {
@@ -355,13 +356,42 @@ torch::Tensor int8_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, 
   return gemm(x, q, scales, nullptr, group_size, out_dtype, portable);
 }
 
+// 8 weights to dtype at row; with lo, also what rounding left over (split weights, bf16).
+template <typename scalar_t>
+inline void store_row8(scalar_t* row, const float* exact, scalar_t* lo) {
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {  // the scalar conversion is ~4x slower
+    const __m256 v = _mm256_loadu_ps(exact);
+    const __m128bh hi = _mm256_cvtneps_pbh(v);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(row), (__m128i)hi);
+    if (lo != nullptr) {
+      const __m256 back = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32((__m128i)hi), 16));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(lo), (__m128i)_mm256_cvtneps_pbh(_mm256_sub_ps(v, back)));
+    }
+    return;
+  }
+#endif
+  for (int f = 0; f < 8; ++f) {
+    row[f] = static_cast<scalar_t>(exact[f]);
+    if (lo != nullptr) lo[f] = static_cast<scalar_t>(exact[f] - static_cast<float>(row[f]));
+  }
+}
+
 // The dense weight [N, K] in dtype: w = q * scale (+ min). For large M a dense matmul of it
 // (oneDNN, with AMX where the CPU has it) beats the per-row kernel several times over.
+//
+// split (bf16 only): [N, 2K], row n = [hi, lo] with hi = bf16(w), lo = bf16(w - hi). Against
+// [x, x] one bf16 matmul sums both halves' products in its fp32 accumulator: ~16 bits of each
+// weight where bf16 alone keeps 8, one rounding of the output, at twice a bf16 matmul's cost
+// (still well under fp32's here: AMX has no fp32).
 torch::Tensor dequantize(torch::Tensor q, torch::Tensor scales, c10::optional<torch::Tensor> mins,
-                         int64_t group_size, torch::ScalarType dtype) {
+                         int64_t group_size, torch::ScalarType dtype, bool split) {
   const torch::Tensor* m = mins.has_value() ? &*mins : nullptr;
   const int64_t K = check_weight(q, scales, m, group_size), blocks = q.size(0), groups = K / group_size;
-  auto w = torch::empty({blocks * LANES, K}, q.options().dtype(dtype));
+  TORCH_CHECK(!split || dtype == torch::kBFloat16, "split: bf16 only, got ", dtype);
+  const int64_t N = blocks * LANES;
+  const int64_t width = split ? 2 * K : K;
+  auto w = torch::empty({N, width}, q.options().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "cpu_gemm_dequantize", [&] {
     scalar_t* out = w.data_ptr<scalar_t>();
     const auto* qp = static_cast<const uint8_t*>(q.data_ptr());
@@ -371,17 +401,35 @@ torch::Tensor dequantize(torch::Tensor q, torch::Tensor scales, c10::optional<to
                   : static_cast<const float*>(t.data_ptr())[i];
     };
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> sc(groups * LANES), mn(groups * LANES, 0.f);  // this block's, as fp32
       for (int64_t b = begin; b < end; ++b) {
+        for (int64_t i = 0; i < groups * LANES; ++i) {
+          sc[i] = value_at(scales, b * groups * LANES + i);
+          if (m) mn[i] = value_at(*m, b * groups * LANES + i);
+        }
         const uint8_t* qb = qp + b * K * (m ? 8 : 16);
-        for (int r = 0; r < LANES; ++r) {
-          scalar_t* row = out + (b * LANES + r) * K;
-          for (int64_t g = 0; g < groups; ++g) {
-            const int64_t sg = (b * groups + g) * LANES + r;
-            const float s = value_at(scales, sg), mn = m ? value_at(*m, sg) : 0.f;
-            for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) {
-              const float v = m ? weight_at<true>(qb, K, r, k) : weight_at<false>(qb, K, r, k);
-              row[k] = static_cast<scalar_t>(v * s + mn);
+        for (int64_t k0 = 0; k0 < K; k0 += 8) {  // 16 rows x 8 features at a time
+          float tile[LANES][8];
+          if (m) {
+            const uint8_t* chunk = qb + k0 * 8;  // one 64-byte chunk
+            for (int r = 0; r < LANES; ++r) {
+              for (int f = 0; f < 4; ++f) {
+                const uint8_t byte = chunk[int4_byte(r, f)];  // features f (low) and f + 4 (high)
+                tile[r][f] = static_cast<float>(byte & 15);
+                tile[r][f + 4] = static_cast<float>(byte >> 4);
+              }
             }
+          } else {
+            for (int f = 0; f < 8; ++f)
+              for (int r = 0; r < LANES; ++r) tile[r][f] = static_cast<int8_t>(qb[(k0 + f) * LANES + r]);
+          }
+          const int64_t g = k0 / group_size;
+          for (int r = 0; r < LANES; ++r) {
+            scalar_t* row = out + (b * LANES + r) * width + k0;
+            const float s = sc[g * LANES + r], o = mn[g * LANES + r];
+            float exact[8];
+            for (int f = 0; f < 8; ++f) exact[f] = tile[r][f] * s + o;
+            store_row8(row, exact, split ? row + K : nullptr);
           }
         }
       }

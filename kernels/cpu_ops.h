@@ -23,7 +23,7 @@ torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, 
 torch::Tensor int8_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, int64_t group_size,
                         torch::ScalarType out_dtype, bool portable);
 torch::Tensor dequantize(torch::Tensor q, torch::Tensor scales, c10::optional<torch::Tensor> mins,
-                         int64_t group_size, torch::ScalarType dtype);
+                         int64_t group_size, torch::ScalarType dtype, bool split);
 bool has_avx512();
 
 // cpu_decode_layer.cpp: a whole decoder layer for steps where every sequence has one new token.

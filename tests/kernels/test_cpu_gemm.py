@@ -191,7 +191,8 @@ def test_tied_embedding_reads_the_packed_vocabulary_projection():
     assert torch.equal(own, expected)
 
 
-# Large M dequantizes to x's dtype and runs torch's matmul: bf16/fp16 weights are rounded there.
+# Large M dequantizes to x's dtype and runs torch's matmul: fp16 weights are rounded there (bf16
+# ones are split in two bf16 halves, ~16 bits), and the output is rounded to x's dtype.
 DENSE_REL = {torch.float32: FP32_REL, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
@@ -224,9 +225,14 @@ def test_dequantize_matches_the_canonical_weight():
     close = {"rtol": 1e-6, "atol": 1e-7}
     gen = torch.Generator().manual_seed(9)
     qweight, scales, mins = _int4_weight(32, 64, 32, gen, False)
-    dense = ops.dequantize(*cpu_gemm.pack_int4(qweight, scales, mins).values(), 32, torch.float32)
+    dense = ops.dequantize(*cpu_gemm.pack_int4(qweight, scales, mins).values(), 32, torch.float32, False)
     torch.testing.assert_close(dense, dequantize_w4a16_ref(qweight, scales, mins, 32), **close)
     q8, s8 = _int8_weight(32, 64, 32, gen, False)
     packed = cpu_gemm.pack_int8(q8, s8)
-    dense = ops.dequantize(packed["q"], packed["scales"], None, 32, torch.bfloat16)
-    torch.testing.assert_close(dense, (q8.float() * s8.repeat_interleave(32, 1)).bfloat16(), rtol=0, atol=0)
+    exact = q8.float() * s8.repeat_interleave(32, 1)
+    dense = ops.dequantize(packed["q"], packed["scales"], None, 32, torch.bfloat16, False)
+    torch.testing.assert_close(dense, exact.bfloat16(), rtol=0, atol=0)
+    hi, lo = ops.dequantize(packed["q"], packed["scales"], None, 32, torch.bfloat16, True).chunk(2, dim=-1)
+    assert torch.equal(hi, exact.bfloat16())
+    assert torch.equal(lo, (exact - hi.float()).bfloat16())
+    assert (hi.float() + lo.float() - exact).abs().max() <= exact.abs().max() * 2**-16
