@@ -2,8 +2,8 @@
 // it that eager torch makes slow at one token:
 //   silu_mul    -> F.silu(gate) * up on the fused gate/up output, rounded as torch rounds each op
 //   argmax_rows -> logits.argmax(-1) (torch's takes ~130 us over a 49k vocabulary on 2 threads)
-// References (tests/kernels/test_cpu_decode_layer.py): DecoderLayer.forward with the same weights,
-// F.silu(gate) * up, torch.argmax.
+// References: the eager DecoderLayers on the real model (tests/model/test_cpu_ops_engine.py),
+// F.silu(gate) * up and torch.argmax (tests/kernels/test_cpu_gemm.py).
 #include "cpu_ops.h"
 
 #include <ATen/Parallel.h>

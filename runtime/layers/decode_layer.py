@@ -1,11 +1,11 @@
 """Decode steps on CPU through one compiled call per decoder layer (kernels/cpu_decode_layer.cpp).
 
-At one token per sequence the eager layer spends more time between its ops (Python frames, torch
-dispatch, small allocations) than in them: measured ~180 us a layer for the default model's 30
-layers on 2 threads, against ~150 us of GEMMs. The compiled layer runs the same ops with the same
+At one token per sequence the eager layer spends almost as long between its ops (Python frames,
+torch dispatch, small allocations) as in them: measured ~180 us a layer for the default model's 30
+layers on 2 threads, against ~250 us in its GEMMs. The compiled layer runs the same ops with the same
 roundings. It is used when every projection of every layer runs on cpu_gemm's kernels (what
 GGUF, GPTQ and AWQ int4 and Q8_0 weights pick on CPU) and the compiled ops are available; other
-steps and models keep the eager layers, which tests/model/test_cpu_decode_layer.py compares with.
+steps and models keep the eager layers, which tests/model/test_cpu_ops_engine.py compares with.
 """
 
 from __future__ import annotations
