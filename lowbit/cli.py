@@ -240,5 +240,30 @@ def eval_(
     console.print(table)
 
 
+@app.command()
+def bench(
+    model: ModelArg = None,
+    engines: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--engine", help="lowbit-bf16kv, lowbit-int8kv, llama.cpp or hf-transformers; repeat for several."
+        ),
+    ] = None,
+    tokens: Annotated[int, typer.Option(help="Greedy decode tokens per measurement.")] = 128,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length for prompt processing.")] = 512,
+    threads: Annotated[int, typer.Option(help="CPU threads for every engine.")] = 2,
+) -> None:
+    """CPU speed side by side: prefill, decode and 8-stream tok/s and memory, each engine in its own
+    process, with ratios against llama.cpp and HF measured in the same run (default: all four;
+    llama.cpp needs `pip install llama-cpp-python`)."""
+    from lowbit.bench import ENGINES, run
+
+    try:
+        run(model, engines or list(ENGINES), tokens, prompt_tokens, threads)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
 if __name__ == "__main__":
     app()
