@@ -40,9 +40,11 @@ HEADER = "cpu_ops.h"
 
 def _build_name() -> str:
     """-march=native builds for this CPU: key the cached build by the CPU's feature flags, so a home
-    directory shared with another kind of machine never loads instructions that one lacks; and by
-    the sources and header, which torch's own rebuild check does not cover (headers)."""
-    key = hashlib.sha256(platform.machine().encode())
+    directory shared with another kind of machine never loads instructions that one lacks; by the
+    sources and header, which torch's own rebuild check does not cover (headers); and by where the
+    sources are, since torch rebuilds a name whose include path changed: two checkouts sharing one
+    name rebuilt it back and forth (~100 s each) whenever both were in use."""
+    key = hashlib.sha256(f"{platform.machine()} {HERE.resolve()}".encode())
     with suppress(OSError), open("/proc/cpuinfo") as f:
         key.update(next((line for line in f if line.startswith(("flags", "Features"))), "").encode())
     for name in (*SOURCES, HEADER):
