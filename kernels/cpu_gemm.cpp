@@ -75,7 +75,7 @@ constexpr int int4_byte(int r, int f) { return 16 * (r / 4) + 8 * ((f % 4) / 2) 
 
 // ---------------------------------------------------------------- portable path
 template <bool INT4>
-inline float weight_at(const uint8_t* block, int64_t K, int r, int64_t k) {
+inline float weight_at(const uint8_t* block, int r, int64_t k) {
   if constexpr (INT4) {
     const uint8_t b = block[(k / 8) * 64 + int4_byte(r, static_cast<int>(k % 8))];
     return static_cast<float>(k % 8 < 4 ? b & 15 : b >> 4);
@@ -95,7 +95,7 @@ void tile_portable(const Problem& p, int64_t block, int64_t m0) {
     float part[T][LANES] = {};
     for (int64_t k = g * p.G; k < (g + 1) * p.G; ++k) {
       float w[LANES];  // feature k of the block's 16 rows
-      for (int r = 0; r < LANES; ++r) w[r] = weight_at<INT4>(qb, p.K, r, k);
+      for (int r = 0; r < LANES; ++r) w[r] = weight_at<INT4>(qb, r, k);
       for (int t = 0; t < T; ++t) {
         const float x = p.x[(m0 + t) * p.K + k];
         for (int r = 0; r < LANES; ++r) part[t][r] += w[r] * x;

@@ -84,8 +84,8 @@ def _filter_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
-    """Row-wise argmax: torch's takes ~130 us over a 49k vocabulary on 2 CPU threads, a plain
-    loop ~20 us; both return the first maximum."""
+    """Row-wise argmax, the first maximum (a NaN counting as the maximum) as torch's. Over a 49k
+    vocabulary on 2 CPU threads torch's takes ~90 us, the compiled one ~6 us."""
     if logits.is_cpu and logits.dtype == torch.float32 and (ops := cpu_ops.load()) is not None:
         return ops.argmax_rows(logits)
     return logits.argmax(dim=-1)
@@ -95,7 +95,7 @@ def _draw(probs: torch.Tensor, rows: Seq[SampleRequest], default: torch.Generato
     noise = torch.empty_like(probs)
     for i, row in enumerate(rows):
         noise[i].exponential_(generator=row.generator or default)
-    return (probs / noise).argmax(dim=-1)
+    return greedy(probs / noise)
 
 
 class Sampler:

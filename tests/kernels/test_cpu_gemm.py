@@ -158,6 +158,12 @@ def test_argmax_rows_matches_torch():
     logits[3] = float("-inf")
     logits[4, -1] = 1e9
     assert torch.equal(ops.argmax_rows(logits), logits.argmax(dim=-1))
+    ragged = torch.randn(4, 16 * 5 + 7, generator=gen)  # rows that end mid-vector
+    ragged[0, -1] = 9.0  # the maximum in the tail
+    ragged[1, -2] = float("nan")  # a NaN in the tail only
+    ragged[2, 3] = ragged[2, -3] = 9.0  # a tie across the vector part and the tail
+    assert torch.equal(ops.argmax_rows(ragged), ragged.argmax(dim=-1))
+    assert torch.equal(ops.argmax_rows(ragged[:, :5]), ragged[:, :5].argmax(dim=-1))  # shorter than a vector
     with pytest.raises(RuntimeError, match="logits: expected fp32"):
         ops.argmax_rows(logits.half())
 
