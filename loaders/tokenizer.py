@@ -1,8 +1,9 @@
 """Tokenizers from a GGUF's metadata or an HF directory, with the chat template and stop tokens.
 
-The heavy lifting is HF's: `tokenizers` does the encoding, transformers builds the backend from a
-GGUF vocabulary (the same converter `AutoTokenizer.from_pretrained(gguf_file=...)` uses, fed with
-metadata we already parsed instead of parsing the file a second time) and renders chat templates.
+`tokenizers` does the encoding and decoding. A GGUF's backend is built from metadata we already
+parsed (`gguf_tokenizer`); an HF directory's comes from `AutoTokenizer`. transformers renders chat
+templates: for a GGUF its tokenizer object is only built on the first chat, because importing
+transformers and building that wrapper costs ~50 MiB resident that plain completions never need.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.decoders import DecodeStream
+
+from .gguf_tokenizer import GGUFTokenizerConfig, backend_from_gguf, tokenizer_config
 
 # Tokens that end a turn in common chat formats. llama.cpp treats these as end-of-generation when
 # they are special tokens of the vocabulary, whatever `eos_token_id` says; so do we.
@@ -32,18 +35,40 @@ Message = Mapping[str, Any]
 
 
 class Tokenizer:
-    """Encode/decode, chat templates and the set of token ids that end generation."""
+    """Encode/decode, chat templates and the set of token ids that end generation.
+
+    Built from a transformers tokenizer (`Tokenizer(hf)`) or from a GGUF's backend and config
+    (`Tokenizer.from_gguf_backend`), whose transformers object `hf` is then made when first asked for.
+    """
 
     def __init__(self, hf_tokenizer: Any, extra_eos_ids: Iterable[int] = ()):
-        self.hf = hf_tokenizer
+        self._hf = hf_tokenizer
+        self._gguf: GGUFTokenizerConfig | None = None
         self.backend: BackendTokenizer = hf_tokenizer.backend_tokenizer
-        eos = {i for i in extra_eos_ids if i is not None}
-        if hf_tokenizer.eos_token_id is not None:
-            eos.add(hf_tokenizer.eos_token_id)
-        special = set(hf_tokenizer.all_special_tokens)
+        self._set_eos(hf_tokenizer.eos_token_id, extra_eos_ids)
+
+    @classmethod
+    def from_gguf_backend(cls, backend: BackendTokenizer, config: GGUFTokenizerConfig) -> Tokenizer:
+        self = cls.__new__(cls)
+        self._hf, self._gguf, self.backend = None, config, backend
+        eos = config.special_tokens.get("eos_token")
+        self._set_eos(None if eos is None else backend.token_to_id(eos), ())
+        return self
+
+    def _set_eos(self, eos_token_id: int | None, extra_eos_ids: Iterable[int]) -> None:
+        eos = {i for i in (eos_token_id, *extra_eos_ids) if i is not None}
+        special = {t.content for t in self.backend.get_added_tokens_decoder().values() if t.special}
         vocab = self.backend.get_vocab(with_added_tokens=True)
         eos.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab and t in special)
         self.eos_token_ids = frozenset(eos)
+
+    @property
+    def hf(self) -> Any:
+        """The transformers tokenizer (for chat templates and `save_pretrained`)."""
+        if self._hf is None:
+            assert self._gguf is not None
+            self._hf = _fast_tokenizer(self.backend, self._gguf)
+        return self._hf
 
     @property
     def vocab_size(self) -> int:
@@ -51,19 +76,23 @@ class Tokenizer:
 
     @property
     def chat_template(self) -> str | None:
-        return self.hf.chat_template
+        return self._gguf.chat_template if self._gguf is not None else self._hf.chat_template
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+        if self._gguf is None:
+            return self._hf.encode(text, add_special_tokens=add_special_tokens)
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self.hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+        if self._gguf is None:
+            return self._hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+        return self.backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
         self, messages: Sequence[Message], add_generation_prompt: bool = True
     ) -> list[int]:
         """Token ids of a conversation rendered with the model's chat template."""
-        if not self.hf.chat_template:
+        if not self.chat_template:
             raise ValueError("this model has no chat template; use generate() with a plain prompt")
         text = self.hf.apply_chat_template(
             list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
@@ -76,45 +105,25 @@ class Tokenizer:
         return DecodeStream(skip_special_tokens=skip_special_tokens)
 
 
-def _fast_tokenizer(backend: BackendTokenizer, **config: Any) -> Any:
+def _fast_tokenizer(backend: BackendTokenizer, config: GGUFTokenizerConfig) -> Any:
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(tokenizer_object=backend, **config)
+    # A copy: the wrapper rewrites its backend's post-processor, and ours must keep encoding as is.
+    return PreTrainedTokenizerFast(
+        tokenizer_object=BackendTokenizer.from_str(backend.to_str()),
+        chat_template=config.chat_template,
+        add_bos_token=config.add_bos_token,
+        add_eos_token=config.add_eos_token,
+        **config.special_tokens,
+    )
 
 
 def tokenizer_from_gguf(metadata: Mapping[str, Any]) -> Tokenizer:
-    """Build the tokenizer a GGUF describes, the way transformers' GGUF support does."""
-    from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
-
+    """The tokenizer a GGUF describes, as transformers' GGUF support builds it."""
     if "tokenizer.ggml.tokens" not in metadata:
         raise ValueError("GGUF has no tokenizer (tokenizer.ggml.tokens is missing)")
-    groups = {
-        group: {
-            name: metadata[f"tokenizer.{key}"]
-            for key, name in renames.items()
-            if f"tokenizer.{key}" in metadata
-        }
-        for group, renames in GGUF_TOKENIZER_MAPPING.items()
-    }
-    tokenizer_dict, config = groups["tokenizer"], groups["tokenizer_config"]
-    if tokenizer_dict.get("tokenizer_type") == "llama":
-        # llama.cpp adds BOS to a sentencepiece vocabulary unless the file says otherwise.
-        config.setdefault("add_bos_token", True)
-    tokens = tokenizer_dict["tokens"]
-    for name, key in (
-        ("bos_token", "bos"),
-        ("eos_token", "eos"),
-        ("unk_token", "unknown"),
-        ("pad_token", "padding"),
-    ):
-        token_id = metadata.get(f"tokenizer.ggml.{key}_token_id")
-        if token_id is not None and 0 <= token_id < len(tokens):
-            config[name] = tokens[token_id]
-    try:
-        backend, _ = convert_gguf_tokenizer(metadata["general.architecture"], tokenizer_dict)
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"cannot build the GGUF's tokenizer: {e}") from e
-    return Tokenizer(_fast_tokenizer(backend, **config))
+    config = tokenizer_config(metadata)
+    return Tokenizer.from_gguf_backend(backend_from_gguf(metadata, config), config)
 
 
 def tokenizer_from_pretrained(path: str | Path) -> Tokenizer:

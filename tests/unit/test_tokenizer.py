@@ -123,3 +123,16 @@ def test_special_ids_and_vocab_size(tokenizers):
     assert "<|endoftext|>" in hf.all_special_tokens
     assert ours.eos_token_ids == {im_end, endoftext}
     assert ours.vocab_size == len(hf) == 49152
+
+
+@pytest.mark.parametrize("corpus", ["wiki", "c4"])
+def test_whole_corpus_encodes_like_transformers(tokenizers, corpus):
+    """Hundreds of thousands of tokens of real text, beyond the hand-picked cases above."""
+    from lowbit.text_data import standard_text
+
+    ours, hf = tokenizers
+    text = standard_text(corpus)
+    expected = hf.encode(text)
+    assert len(expected) > 50_000
+    assert ours.encode(text) == expected
+    assert ours.decode(expected) == hf.decode(expected)
