@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 
 ENGINES = ("lowbit-bf16kv", "lowbit-int8kv", "llama.cpp", "hf-transformers")
+# Context (tokens) for lowbit and llama.cpp alike: llama.cpp's n_ctx, lowbit's max_model_len and
+# KV pool size, so that peak memory compares the same model at the same context.
+CONTEXT = 2048
 
 
 def _status_kib(field: str) -> int:
@@ -42,9 +45,11 @@ def _prompt_ids(tokenizer_encode, count: int) -> list[int]:
 
 def _lowbit(model: str | None, kv: str, prompt_tokens: int, tokens: int, threads: int) -> dict:
     from lowbit import LLM, SamplingParams
+    from lowbit.runtime.config import EngineConfig
 
     start = time.perf_counter()
-    llm = LLM(model, kv_cache_dtype=kv, num_threads=threads, kv_cache_memory=256 << 20)
+    blocks = CONTEXT // EngineConfig.block_size
+    llm = LLM(model, kv_cache_dtype=kv, num_threads=threads, max_model_len=CONTEXT, num_kv_blocks=blocks)
     load = time.perf_counter() - start
     rss = _status_kib("VmRSS")
     prompt = _prompt_ids(llm.tokenizer.encode, prompt_tokens)
@@ -106,7 +111,7 @@ def _llama_cpp(model: str | None, prompt_tokens: int, tokens: int, threads: int)
 
     path = str(default_model_path() if model is None else model)
     start = time.perf_counter()
-    llm = Llama(path, n_ctx=2048, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
+    llm = Llama(path, n_ctx=CONTEXT, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
     load = time.perf_counter() - start
     rss = _status_kib("VmRSS")
     prompt = _prompt_ids(lambda text: llm.tokenize(text.encode(), add_bos=False), prompt_tokens)

@@ -6,8 +6,6 @@ detokenization -> RequestOutput deltas
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import time
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ from lowbit.loaders.tokenizer import Tokenizer
 from lowbit.runtime.block_manager import BlockManager
 from lowbit.runtime.config import EngineConfig, ModelConfig
 from lowbit.runtime.detokenizer import Detokenizer
+from lowbit.runtime.host_memory import loading_weights
 from lowbit.runtime.kv_cache import KVCacheSpec, allocate_kv_cache, num_blocks_for
 from lowbit.runtime.model_runner import ModelRunner
 from lowbit.runtime.models import model_class
@@ -56,13 +55,6 @@ class Request:
     seqs: list[Sequence]
 
 
-def release_freed_memory() -> None:
-    """Hand memory freed by load-time temporaries back to the OS. glibc keeps freed heap pages
-    mapped (measured: ~80 MB of RSS after loading the default model); malloc_trim returns them."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def lm_head_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """bf16 logits are too coarse (spacing 0.125 at magnitude 20): fp16 is 8x finer. Where the vocab
     projection runs dense on CPU (no compiled ops) fp16 is also 2x faster than bf16; the compiled
@@ -76,6 +68,16 @@ class Engine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         started = time.perf_counter()
+        with loading_weights():
+            self._load(config, checkpoint)
+        self.load_seconds = time.perf_counter() - started
+        logger.info(
+            "loaded %s in %.1f s: %s on %s, KV cache %s x %d blocks of %d tokens",
+            self.checkpoint_source, self.load_seconds, self.dtype, self.device,
+            self.kv_spec.dtype, self.kv_spec.num_blocks, self.kv_spec.block_size,
+        )  # fmt: skip
+
+    def _load(self, config: EngineConfig, checkpoint: Checkpoint | None) -> None:
         if checkpoint is None:
             checkpoint = load_checkpoint(config.model or default_model_path(), config.quantization)
         self.checkpoint_source = checkpoint.source
@@ -113,13 +115,6 @@ class Engine:
         )
         self.requests: dict[str, Request] = {}
         self.counters = EngineStats()
-        release_freed_memory()
-        self.load_seconds = time.perf_counter() - started
-        logger.info(
-            "loaded %s in %.1f s: %s on %s, KV cache %s x %d blocks of %d tokens",
-            checkpoint.source, self.load_seconds, self.dtype, self.device,
-            self.kv_spec.dtype, self.kv_spec.num_blocks, self.kv_spec.block_size,
-        )  # fmt: skip
 
     def _max_model_len(self) -> int:
         trained = self.model_config.max_position_embeddings

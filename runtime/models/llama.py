@@ -108,6 +108,13 @@ class LlamaForCausalLM(nn.Module):
         self.dtype = dtype
         embed = w("model.embed_tokens.weight")
         self.embed_tokens = Embedding(embed, device)
+        # The vocabulary projection comes before the layers: packing it briefly holds two copies
+        # of the largest weight, and that costs least peak memory while nothing else is resident.
+        tied = config.tie_word_embeddings
+        self.lm_head = Linear(embed if tied else w("lm_head.weight"), device, lm_head_dtype or dtype)
+        if tied:
+            self.embed_tokens.share(self.lm_head.packed)
+        del embed
         inv_freq = inverse_frequencies(
             config.head_dim, config.rope_theta, config.rope_scaling, w.get("rope_freqs")
         )
@@ -116,10 +123,6 @@ class LlamaForCausalLM(nn.Module):
             [DecoderLayer(config, w, i, device, dtype) for i in range(config.num_layers)]
         )
         self.norm = RMSNorm(w("model.norm.weight"), config.rms_norm_eps, device, lm_head_dtype or dtype)
-        head = embed if config.tie_word_embeddings else w("lm_head.weight")
-        self.lm_head = Linear(head, device, lm_head_dtype or dtype)
-        if config.tie_word_embeddings:
-            self.embed_tokens.share(self.lm_head.packed)
         # One compiled call per layer for decode steps on CPU, where the model allows (else None).
         self.decode_layers = compile_layers(self.layers, dtype) if device.type == "cpu" else None
 

@@ -64,7 +64,9 @@ VARIANTS = {
 def _write(tmp_path: Path, extra: dict[str, tuple]) -> Path:
     path = tmp_path / "tiny.gguf"
     vocab = len(extra.get("tokenizer.ggml.tokens", (tiny_vocab()[0],))[0])
-    TinyLlama(extra_metadata=extra, write_vocab_size=False, hidden=32, ffn=32, heads=2, kv_heads=1).write(path)
+    TinyLlama(extra_metadata=extra, write_vocab_size=False, hidden=32, ffn=32, heads=2, kv_heads=1).write(
+        path
+    )
     assert vocab > 256
     return path
 
@@ -133,9 +135,11 @@ def test_bytes_to_unicode_matches_transformers():
 
 
 def test_token_types_of_the_wrong_length_raise(tmp_path):
-    tokens, types, merges = tiny_vocab()
+    tokens, types, _ = tiny_vocab()
     extra = {"tokenizer.ggml.token_type": (types[:-1], V.ARRAY, V.INT32)}
-    with pytest.raises(ValueError, match=rf"token_type has {len(types) - 1} entries for {len(tokens)} tokens"):
+    with pytest.raises(
+        ValueError, match=rf"token_type has {len(types) - 1} entries for {len(tokens)} tokens"
+    ):
         tokenizer_from_gguf(read_gguf(_write(tmp_path, extra)).metadata)
 
 
