@@ -19,7 +19,7 @@ from lowbit.loaders.tokenizer import Tokenizer
 from lowbit.runtime.block_manager import BlockManager
 from lowbit.runtime.config import EngineConfig, ModelConfig
 from lowbit.runtime.detokenizer import Detokenizer
-from lowbit.runtime.host_memory import loading_weights
+from lowbit.runtime.host_memory import after_step, loading_weights
 from lowbit.runtime.kv_cache import KVCacheSpec, allocate_kv_cache, num_blocks_for
 from lowbit.runtime.model_runner import ModelRunner
 from lowbit.runtime.models import model_class
@@ -244,6 +244,7 @@ class Engine:
         if batch.empty:
             return []
         sampled = self.runner.run(batch)
+        after_step(batch.num_tokens)
         self._advance(batch, sampled)
         touched = dict.fromkeys(s.seq.request_id for s in batch.scheduled if s.samples)
         return [self._output(self.requests[r]) for r in touched]

@@ -47,3 +47,14 @@ def loading_weights() -> Iterator[None]:
             libc.malloc_trim(0)  # what load-time temporaries left free in the heap
             libc.mallopt(M_MMAP_THRESHOLD, RUN_MMAP_THRESHOLD)
             libc.mallopt(M_TRIM_THRESHOLD, RUN_TRIM_THRESHOLD)
+
+
+# A step with at least this many tokens (a prefill chunk) leaves multi-MB activations freed in the
+# middle of the heap, where the trim threshold does not reach; malloc_trim returns their pages.
+TRIM_AFTER_TOKENS = 64
+
+
+def after_step(num_tokens: int) -> None:
+    """Return the free heap pages a large step left behind (~1 ms; decode steps skip it)."""
+    if num_tokens >= TRIM_AFTER_TOKENS and (libc := _libc()) is not None:
+        libc.malloc_trim(0)

@@ -284,19 +284,20 @@ def test_dispatcher_mixes_prefill_and_decode(block_size, cache_dtype):
         )
 
 
+@pytest.mark.parametrize("cached", [0, 5], ids=["whole-prompt", "after-cached-prefix"])
 @pytest.mark.parametrize("rows", [1, 3, 7])
-def test_prefill_after_a_cached_prefix_in_query_chunks(monkeypatch, rows):
-    """Query chunks of `rows` (the last one ragged) over keys each chunk can see, as the engine
-    runs a prompt whose beginning was in the prefix cache."""
+def test_prefill_in_query_chunks(monkeypatch, rows, cached):
+    """Query chunks of `rows` (the last one ragged), each over the keys it can see, for a whole
+    prompt and for one whose beginning was in the prefix cache."""
     from lowbit.kernels import paged_attention
 
     paged = build_paged(SEQ_LENS, 4, seed=11 + rows)
     scale = 1 / math.sqrt(HEAD_DIM)
     b, context_len = max(enumerate(SEQ_LENS), key=lambda item: item[1])
-    query_len = context_len - 5
+    query_len = context_len - cached
     assert query_len > 2 * rows
     q = random_q(query_len, 3, seed=12)
-    monkeypatch.setattr(paged_attention, "MASK_BYTES", context_len * 4 * rows)
+    monkeypatch.setattr(paged_attention, "SCORES_BYTES", q.shape[1] * context_len * 4 * rows)
     out = prefill_attention_cpu(q, paged.k_cache, paged.v_cache, paged.block_tables[b], context_len, scale)
     ref = paged_attention_ref(
         q, paged.k_cache, paged.v_cache, paged.block_tables[b : b + 1], [0, query_len], [context_len], scale
