@@ -215,12 +215,14 @@ def test_many_rows_take_the_dense_path(bits, dtype, monkeypatch):
         qweight, scales = _int8_weight(n, k, g, gen, True)
         packed, reference = cpu_gemm.pack_int8(qweight, scales), w8a16_matmul_ref
         args = (qweight, scales)
-    monkeypatch.setattr(cpu_gemm, "DENSE_CHUNK_ROWS", 32)  # three chunks of the weight
-    for m in (cpu_gemm.DENSE_ROWS, 70):
-        x = torch.randn(m, k, generator=gen).to(dtype)
-        expected = reference(x.float(), *args)
+    width = 2 * k if dtype == torch.bfloat16 else k  # bf16 runs against a split [n, 2K] weight
+    monkeypatch.setattr(cpu_gemm, "DENSE_CHUNK_BYTES", 32 * width * dtype.itemsize)  # 3 chunks of 32 rows
+    # Rows padded to DENSE_ROW_BUCKET (32, 70) or already a multiple (128); a 3-D input.
+    for shape in ((cpu_gemm.DENSE_ROWS, k), (70, k), (2 * cpu_gemm.DENSE_ROW_BUCKET, k), (2, 35, k)):
+        x = torch.randn(shape, generator=gen).to(dtype)
+        expected = reference(x.reshape(-1, k).float(), *args).reshape(*shape[:-1], n)
         y = cpu_gemm.gemm(x, packed, g)
-        assert y.dtype == dtype and y.shape == (m, n)
+        assert y.dtype == dtype and y.shape == (*shape[:-1], n)
         assert_close_rel(y, expected, DENSE_REL[dtype])
         portable = cpu_gemm.gemm(x, packed, g, out_dtype=torch.float32, portable=True)  # the row kernel
         assert_close_rel(portable, expected, FP32_REL)
