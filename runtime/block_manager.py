@@ -144,6 +144,12 @@ class BlockManager:
         seq.block_hashes = [self.hashes[b] for b in prefix]
         seq.num_computed_tokens = len(prefix) * self.block_size
 
+    def reset_prefix_cache(self) -> None:
+        """Forget the names of free blocks (vLLM's `reset_prefix_cache`): later requests compute
+        those prefixes again. Blocks that sequences hold keep theirs."""
+        for block in self.free_blocks:
+            self._forget(block)
+
     def commit(self, seq: Sequence) -> None:
         """Name the blocks that this step filled, so later sequences can find them."""
         if not self.enable_prefix_caching:

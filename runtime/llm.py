@@ -74,6 +74,10 @@ class LLM:
             if not done:
                 self.engine.abort(request_id)
 
+    def reset_prefix_cache(self) -> None:
+        """Drop every cached prefix that no request is using (requests in flight keep theirs)."""
+        self.engine.block_manager.reset_prefix_cache()
+
     def _add(self, prompt: Prompt, params: SamplingParams) -> str:
         request_id = str(next(self._ids))
         self.engine.add_request(request_id, prompt, params)

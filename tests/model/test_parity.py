@@ -52,11 +52,33 @@ def test_fast_mode_logits_and_top1_over_passage(llm_fast, hf_model, wiki_ids):
     assert agreement >= 0.97
 
 
-def test_fast_mode_chat_answers_paris(llm_fast):
+# The France answer's first token is a near-tie in the fp32 model itself ("The" 25.325 against "L"
+# 25.243), and fast mode's logits sit a few fp16 steps apart there (0.06-0.125 measured): which of
+# the two it picks depends on what is already in the prefix cache. So fast-mode greedy text is
+# held to HF's greedy text except where HF's own top two are this close.
+FAST_NEAR_TIE = 0.25  # logits: ~5x fast mode's mean |dlogit| over the passage above
+
+
+def test_fast_mode_chat_follows_hf_except_at_near_ties(llm_fast, hf_model):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = llm_fast.tokenizer.apply_chat_template(messages)
+    out = llm_fast.chat(messages, SamplingParams(temperature=0, max_tokens=32))[0].outputs[0]
+    ours, ref = list(out.token_ids), hf_greedy(hf_model, ids, 32)
+    same = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ours))  # noqa: B905
+    print(f"fast-mode chat: {same}/{len(ours)} tokens as HF's greedy; text {out.text!r}")
+    if same == len(ours):
+        assert out.text == "The capital of France is Paris." and out.finish_reason == "stop"
+        return
+    logits = hf_logits(hf_model, ids + ours[:same])[-1]
+    assert (logits[ref[same]] - logits[ours[same]]).item() < FAST_NEAR_TIE
+
+
+def test_fast_mode_chat_answers_paris_on_a_fresh_engine(llm_fast):
+    """Nothing cached yet (a new server's first chat): the answer the design names."""
+    llm_fast.reset_prefix_cache()
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     out = llm_fast.chat(messages, SamplingParams(temperature=0, max_tokens=32))[0].outputs[0]
-    assert "Paris" in out.text
-    assert out.finish_reason == "stop"
+    assert out.text == "The capital of France is Paris."
 
 
 def test_exact_mode_chat_matches_hf_answer(llm_exact, hf_model):

@@ -663,3 +663,16 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
 BlockManagerMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=50, deadline=None)
 TestBlockManagerMachine = BlockManagerMachine.TestCase
+
+
+def test_reset_prefix_cache_forgets_free_blocks_and_keeps_held_ones() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4)
+    held, freed = make_seq(list(range(9)), "held"), make_seq(list(range(100, 109)), "freed")
+    compute(bm, held, 9)
+    compute(bm, freed, 9)
+    bm.free(freed)
+    assert len(bm.cached_prefix(make_seq(list(range(100, 109))))) == 2  # cached before the reset
+    bm.reset_prefix_cache()
+    assert bm.cached_prefix(make_seq(list(range(100, 109)))) == []
+    assert bm.cached_prefix(make_seq(list(range(9)))) == held.block_table[:2]
+    check_invariants(bm, [held])
