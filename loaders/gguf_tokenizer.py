@@ -63,8 +63,7 @@ def tokenizer_config(metadata: Mapping[str, Any]) -> GGUFTokenizerConfig:
 
 
 def backend_from_gguf(metadata: Mapping[str, Any], config: GGUFTokenizerConfig) -> BackendTokenizer:
-    if "tokenizer.ggml.tokens" not in metadata:
-        raise ValueError("GGUF has no tokenizer (tokenizer.ggml.tokens is missing)")
+    """The backend for metadata that has `tokenizer.ggml.tokens` (tokenizer_from_gguf checks)."""
     native = (
         metadata.get("tokenizer.ggml.model") == "gpt2"
         and metadata.get("tokenizer.ggml.pre", "default") in GPT2_REGEX_PRE_TOKENIZERS

@@ -9,7 +9,7 @@ and HF in the same run, because this machine is noisy. llama.cpp runs through `l
 the engine is skipped with a message when it is not installed.
 
     lowbit bench                                      # default model, all engines
-    lowbit bench --engines lowbit-bf16kv llama.cpp --tokens 256
+    lowbit bench --engine lowbit-bf16kv --engine llama.cpp --tokens 256
     python benchmarks/decode.py --engines lowbit-bf16kv lowbit-int8kv   # the same, as a script
 """
 

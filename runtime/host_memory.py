@@ -1,4 +1,4 @@
-"""glibc malloc settings around loading a model on CPU.
+"""glibc malloc settings for loading a model and for the steps after it (host memory, any device).
 
 glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which
 blocks that size come from the main heap. A load frees many multi-MB temporaries between the
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 from collections.abc import Iterator
 
@@ -27,6 +28,12 @@ RUN_TRIM_THRESHOLD = 4 << 20
 def _libc() -> ctypes.CDLL | None:
     if os.environ.get("LOWBIT_MALLOPT", "1") == "0":  # for A/B measurements
         return None
+    return _glibc()
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """Opened once: after_step asks on every prefill step."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None

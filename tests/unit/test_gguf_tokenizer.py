@@ -63,11 +63,9 @@ VARIANTS = {
 
 def _write(tmp_path: Path, extra: dict[str, tuple]) -> Path:
     path = tmp_path / "tiny.gguf"
-    vocab = len(extra.get("tokenizer.ggml.tokens", (tiny_vocab()[0],))[0])
     TinyLlama(extra_metadata=extra, write_vocab_size=False, hidden=32, ffn=32, heads=2, kv_heads=1).write(
         path
     )
-    assert vocab > 256
     return path
 
 
