@@ -101,35 +101,53 @@ def gemm(
 # bf16-rounded weight alone moved the default model's logits by up to 1.8 over a 300-token
 # passage, against 0.7 with exact fp32 weights.
 DENSE_ROWS = 32
-# The weight is dequantized this many bytes at a time, which bounds that temporary for large
-# weights. The default model's largest, the fused gate/up (3072 x 1152 split bf16, 7 MB), stays
-# one chunk: 4 MiB chunks measured no lower peak there, only an extra concatenation.
-DENSE_CHUNK_BYTES = 16 << 20
-# Activation rows are padded to a multiple of this. oneDNN JIT-compiles and caches a primitive per
-# GEMM shape, ~0.65 MB each: 40 distinct prompt lengths grew a process by ~100 MB, against ~11 MB
-# with rows padded to multiples of 64 (measured over the default model's four weight shapes).
-DENSE_ROW_BUCKET = 64
+# The weight is dequantized about this many bytes at a time (even chunks of 16-row blocks), which
+# bounds that temporary: the default model's fused gate/up (3072 x 1152 split bf16, 6.75 MiB) takes
+# two chunks; each serves every row chunk before the next is made.
+DENSE_CHUNK_BYTES = 4 << 20
+# Activation rows go through the matmul in chunks of one of these sizes: whole chunks of the
+# largest, then the rest padded with zero rows to the smallest that holds it. Fixed shapes matter:
+# oneDNN JIT-compiles and caches a primitive per GEMM shape, ~0.6 MB each, so padding each prompt
+# length to its own bucket grew a server with its traffic (32 buckets up to 2048 tokens, four
+# weights each). 256-row matmuls measured as fast as whole 512-row ones; 128-row ones ~15% slower.
+DENSE_ROW_CHUNKS = (64, 128, 256)
+
+
+def _row_chunks(rows: int) -> list[tuple[int, int]]:
+    """(start, size) of each matmul's rows; the last may reach past `rows` (zero padding)."""
+    largest = DENSE_ROW_CHUNKS[-1]
+    chunks = [(start, largest) for start in range(0, rows - rows % largest, largest)]
+    if rest := rows % largest:
+        chunks.append((rows - rest, next(size for size in DENSE_ROW_CHUNKS if size >= rest)))
+    return chunks
 
 
 def _dense_gemm(x: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int) -> torch.Tensor:
-    """x @ dequant(W).T in x's dtype, with the weight dequantized DENSE_CHUNK_BYTES at a time."""
-    lead, rows = x.shape[:-1], x.numel() // x.shape[-1]
-    x = x.reshape(rows, -1)
-    padded = -(-rows // DENSE_ROW_BUCKET) * DENSE_ROW_BUCKET
-    if padded != rows:
-        x = torch.nn.functional.pad(x, (0, 0, 0, padded - rows))  # [padded, K], zero rows
-    return _dense_rows(x, packed, group_size)[:rows].reshape(*lead, -1)
-
-
-def _dense_rows(x: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int) -> torch.Tensor:
-    ops, blocks = load(), packed["q"].shape[0]
+    """x [..., K] @ dequant(W).T in x's dtype, in fixed-shape matmuls over dequantized weight chunks."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x = x.reshape(-1, k)
+    rows = x.shape[0]
+    chunks = _row_chunks(rows)
+    padded = chunks[-1][0] + chunks[-1][1]
+    # bf16 activations meet a split weight (hi + lo halves, [n, 2K]): x is doubled to [x, x].
     split = x.dtype == torch.bfloat16
+    xs = x.new_empty(padded, 2 * k if split else k)  # [padded, K or 2K]
+    xs[rows:] = 0
+    xs[:rows, :k] = x
     if split:
-        x = torch.cat((x, x), dim=-1)  # [..., 2K] against the [n, 2K] split weight
-    step = max(1, DENSE_CHUNK_BYTES // (LANES * x.shape[-1] * x.element_size()))  # blocks of 16 rows
-    parts = []
+        xs[:rows, k:] = x
+    blocks = packed["q"].shape[0]
+    pieces = -(-blocks * LANES * xs.shape[1] * x.element_size() // DENSE_CHUNK_BYTES)
+    step = -(-blocks // max(1, pieces))  # 16-row blocks per weight chunk
+    out = x.new_empty(padded, blocks * LANES)  # [padded, N]
+    ops = load()
     for start in range(0, blocks, step):
-        chunk = {name: t[start : start + step] for name, t in packed.items()}
-        w = ops.dequantize(chunk["q"], chunk["scales"], chunk.get("mins"), group_size, x.dtype, split)
-        parts.append(torch.nn.functional.linear(x, w))  # w [n, K] or [n, 2K]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        part = {name: t[start : start + step] for name, t in packed.items()}
+        w = ops.dequantize(part["q"], part["scales"], part.get("mins"), group_size, x.dtype, split)
+        columns = slice(start * LANES, start * LANES + w.shape[0])
+        for r, size in chunks:
+            if step >= blocks:  # the whole weight at once: each row chunk of out is contiguous
+                torch.mm(xs[r : r + size], w.t(), out=out[r : r + size])
+            else:
+                out[r : r + size, columns] = torch.mm(xs[r : r + size], w.t())
+    return out[:rows].reshape(*lead, -1)

@@ -6,6 +6,7 @@ namespace ops = lowbit_cpu;
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &ops::add_rms_norm, "residual += x; rms_norm(residual) * weight, cast to out_dtype");
   m.def("paged_decode_attention", &ops::paged_decode_attention, "one query per sequence over a paged KV cache");
+  m.def("paged_prefill_attention", &ops::paged_prefill_attention, "causal attention of one sequence's new tokens over its paged KV cache");
   m.def("rotary_kv_store", &ops::rotary_kv_store, "rotate q and k, store k and v in the paged cache, return q");
   m.def("int4_gemm", &ops::int4_gemm, "x @ W.T for group-quantized affine int4 W in cpu_gemm's block layout");
   m.def("int8_gemm", &ops::int8_gemm, "x @ W.T for group-quantized symmetric int8 W in cpu_gemm's block layout");

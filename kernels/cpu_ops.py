@@ -17,6 +17,7 @@ against runtime.layers.rotary.apply_rotary + kernels.kv_store.kv_store_ref, and
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
@@ -24,6 +25,8 @@ from contextlib import suppress
 from functools import cache
 from pathlib import Path
 from types import ModuleType
+
+import torch
 
 logger = logging.getLogger(__name__)
 HERE = Path(__file__).parent
@@ -43,8 +46,9 @@ def _build_name() -> str:
     directory shared with another kind of machine never loads instructions that one lacks; by the
     sources and header, which torch's own rebuild check does not cover (headers); and by where the
     sources are, since torch rebuilds a name whose include path changed: two checkouts sharing one
-    name rebuilt it back and forth (~100 s each) whenever both were in use."""
-    key = hashlib.sha256(f"{platform.machine()} {HERE.resolve()}".encode())
+    name rebuilt it back and forth (~100 s each) whenever both were in use; and by torch's version,
+    whose C++ ABI the library is built against."""
+    key = hashlib.sha256(f"{platform.machine()} {HERE.resolve()} torch {torch.__version__}".encode())
     with suppress(OSError), open("/proc/cpuinfo") as f:
         key.update(next((line for line in f if line.startswith(("flags", "Features"))), "").encode())
     for name in (*SOURCES, HEADER):
@@ -58,13 +62,43 @@ def load() -> ModuleType | None:
     engine then runs eager torch ops, which compute the same thing."""
     if os.environ.get("LOWBIT_CPU_OPS", "1") == "0":
         return None
+    name = _build_name()
+    if (module := _load_built(name)) is not None:
+        return module
     try:
         from torch.utils.cpp_extension import load as build_extension
 
-        return build_extension(
-            name=_build_name(), sources=[str(HERE / name) for name in SOURCES], extra_cflags=CFLAGS,
+        module = build_extension(
+            name=name, sources=[str(HERE / source) for source in SOURCES], extra_cflags=CFLAGS,
             extra_include_paths=[str(HERE)], verbose=False,
         )  # fmt: skip
     except Exception as e:  # no compiler, no ninja, a failed build: the eager path still works
         logger.warning("compiled CPU ops unavailable, using eager torch ops (%s)", str(e).splitlines()[0])
+        return None
+    with suppress(OSError):
+        _index(name).parent.mkdir(parents=True, exist_ok=True)
+        _index(name).write_text(module.__file__)
+    return module
+
+
+def _index(name: str) -> Path:
+    """Where the path of build `name`'s shared library is noted once it is built."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "lowbit" / "cpu_ops" / name
+
+
+def _load_built(name: str) -> ModuleType | None:
+    """Build `name`, imported straight from the library a previous process built, or None.
+    torch's cpp_extension would find it too, but importing that module pulls in setuptools and
+    distutils (~4.5 MiB resident, ~0.1 s) only to learn that nothing needs building. The name
+    covers the sources, header, CPU and torch version, so a noted library is never stale."""
+    try:
+        library = Path(_index(name).read_text())
+        spec = importlib.util.spec_from_file_location(name, library)
+        if spec is None or spec.loader is None:
+            return None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    except (OSError, ImportError):  # not built yet, moved, or built for another torch: build again
         return None

@@ -11,9 +11,11 @@ The queries of sequence b sit at positions context_len - query_len ... context_l
 causally. GQA: query head h reads kv head h // (H // Hkv). int8 K/V are dequantized in here, with
 each token's own scales; nothing outside attention sees dequantized values.
 
-Reference: `paged_attention_ref` (a loop over sequences, fp32). CPU paths: `decode_attention_cpu`
+Reference: `paged_attention_ref` (a loop over sequences, fp32). Eager CPU paths: `decode_attention_cpu`
 (one query per sequence, batched) and `prefill_attention_cpu` (one sequence, SDPA). Both compute
-in fp32 and return fp32.
+in fp32 and return fp32. Where the compiled CPU ops load, the engine uses their
+`paged_decode_attention` and `paged_prefill_attention` (kernels/cpu_ops.cpp) instead: the same
+fp32 computation, read straight from the paged cache.
 """
 
 from __future__ import annotations

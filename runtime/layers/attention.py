@@ -73,17 +73,28 @@ def paged_attention(
     """q [T, H, D] -> fp32 [T, H, D], dispatching prefill sequences and the decode batch."""
     if meta.num_prefills == 0:  # the common step: no staging buffer
         return _decode(q, cache, meta, scale)
+    first_decode = meta.num_prefill_tokens
+    if meta.num_prefills == 1 and first_decode == q.shape[0]:  # one prompt alone: no staging either
+        return _prefill(q, cache, meta, 0, scale)
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     for b in range(meta.num_prefills):
-        start, end = meta.query_start[b], meta.query_start[b + 1]
-        out[start:end] = prefill_attention_cpu(
-            q[start:end], cache.k, cache.v, meta.block_tables[b], meta.context_lens_host[b],
-            scale, cache.k_scale, cache.v_scale,
-        )  # fmt: skip
-    first_decode = meta.num_prefill_tokens
+        out[meta.query_start[b] : meta.query_start[b + 1]] = _prefill(q, cache, meta, b, scale)
     if first_decode < q.shape[0]:
         out[first_decode:] = _decode(q[first_decode:], cache, meta, scale)
     return out
+
+
+def _prefill(
+    q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, b: int, scale: float
+) -> torch.Tensor:
+    """Sequence b's queries [Tq, H, D] over its cache -> fp32 [Tq, H, D]."""
+    q = q[meta.query_start[b] : meta.query_start[b + 1]]
+    table, context_len = meta.block_tables[b], meta.context_lens_host[b]
+    if (ops := cpu_ops.load()) is not None and q.is_cpu:
+        return ops.paged_prefill_attention(
+            q, cache.k, cache.v, cache.k_scale, cache.v_scale, table, context_len, scale
+        )
+    return prefill_attention_cpu(q, cache.k, cache.v, table, context_len, scale, cache.k_scale, cache.v_scale)
 
 
 def _decode(q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:

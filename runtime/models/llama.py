@@ -33,7 +33,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x)
-        return self.down_proj(F.silu(gate) * up)
+        # In place on the gate/up output, which nothing else holds: the same roundings as
+        # F.silu(gate) * up without two [T, intermediate] temporaries (3 MiB at a 512-token prefill).
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
     __call__ = forward  # skip nn.Module hook dispatch: ~4 us a call, ~300 calls per decode step
 

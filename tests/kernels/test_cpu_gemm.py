@@ -202,9 +202,10 @@ def test_tied_embedding_reads_the_packed_vocabulary_projection():
 DENSE_REL = {torch.float32: FP32_REL, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
+@pytest.mark.parametrize("weight_chunks", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", [4, 8])
-def test_many_rows_take_the_dense_path(bits, dtype, monkeypatch):
+def test_many_rows_take_the_dense_path(bits, dtype, weight_chunks, monkeypatch):
     gen = torch.Generator().manual_seed(bits)
     n, k, g = 96, 128, 32
     if bits == 4:
@@ -216,9 +217,12 @@ def test_many_rows_take_the_dense_path(bits, dtype, monkeypatch):
         packed, reference = cpu_gemm.pack_int8(qweight, scales), w8a16_matmul_ref
         args = (qweight, scales)
     width = 2 * k if dtype == torch.bfloat16 else k  # bf16 runs against a split [n, 2K] weight
-    monkeypatch.setattr(cpu_gemm, "DENSE_CHUNK_BYTES", 32 * width * dtype.itemsize)  # 3 chunks of 32 rows
-    # Rows padded to DENSE_ROW_BUCKET (32, 70) or already a multiple (128); a 3-D input.
-    for shape in ((cpu_gemm.DENSE_ROWS, k), (70, k), (2 * cpu_gemm.DENSE_ROW_BUCKET, k), (2, 35, k)):
+    chunk_rows = n // weight_chunks  # whole, or 3 chunks of 32 rows
+    monkeypatch.setattr(cpu_gemm, "DENSE_CHUNK_BYTES", chunk_rows * width * dtype.itemsize)
+    # Row counts: one padded chunk (32, 70), whole chunks with a padded last one (2 x 256 + 5),
+    # whole chunks only (256); a 3-D input.
+    largest = cpu_gemm.DENSE_ROW_CHUNKS[-1]
+    for shape in ((cpu_gemm.DENSE_ROWS, k), (70, k), (2 * largest + 5, k), (largest, k), (2, 35, k)):
         x = torch.randn(shape, generator=gen).to(dtype)
         expected = reference(x.reshape(-1, k).float(), *args).reshape(*shape[:-1], n)
         y = cpu_gemm.gemm(x, packed, g)
@@ -244,3 +248,13 @@ def test_dequantize_matches_the_canonical_weight():
     assert torch.equal(hi, exact.bfloat16())
     assert torch.equal(lo, (exact - hi.float()).bfloat16())
     assert (hi.float() + lo.float() - exact).abs().max() <= exact.abs().max() * 2**-16
+
+
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [(1, [(0, 64)]), (64, [(0, 64)]), (65, [(0, 128)]), (256, [(0, 256)]), (300, [(0, 256), (256, 64)]),
+     (700, [(0, 256), (256, 256), (512, 256)]), (640, [(0, 256), (256, 256), (512, 128)])],
+)  # fmt: skip
+def test_dense_row_chunks_cover_the_rows_in_fixed_shapes(rows, expected):
+    assert cpu_gemm.DENSE_ROW_CHUNKS == (64, 128, 256)  # the sizes this table assumes
+    assert cpu_gemm._row_chunks(rows) == expected

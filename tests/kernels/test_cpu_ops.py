@@ -1,6 +1,7 @@
 """The fused CPU ops (kernels/cpu_ops.cpp) against torch references: add_rms_norm against
 `F.rms_norm` of the summed residual, paged_decode_attention against `paged_attention_ref` and
-contiguous SDPA, on scattered block tables, GQA, ragged lengths and fp32/bf16/fp16/int8 caches."""
+contiguous SDPA, on scattered block tables, GQA, ragged lengths and fp32/bf16/fp16/int8 caches;
+paged_prefill_attention against the same two, for whole prompts and chunks over a cached prefix."""
 
 from __future__ import annotations
 
@@ -87,6 +88,66 @@ def test_paged_decode_attention_errors():
     int8 = build_paged([4], 4, seed=0, cache_dtype=torch.int8)
     with pytest.raises(RuntimeError, match="k_scale"):
         ops.paged_decode_attention(q, int8.k_cache, int8.v_cache, None, None, int8.block_tables, lens, 1.0)
+
+
+def _prefill_case(context_len: int, group: int, head_dim: int, block_size: int, cache_dtype, seed: int):
+    """One sequence's K/V written with kv_store_ref into scattered blocks; q for every position."""
+    from lowbit.kernels.kv_store import kv_store_ref
+
+    gen = torch.Generator().manual_seed(seed)
+    kv_heads = 2
+    keys = torch.randn(context_len, kv_heads, head_dim, generator=gen) * 2
+    values = torch.randn(context_len, kv_heads, head_dim, generator=gen)
+    blocks = -(-context_len // block_size)
+    table = torch.randperm(blocks + 3, generator=gen)[:blocks].to(torch.int32)  # 3 blocks nobody owns
+    shape = (blocks + 3, block_size, kv_heads, head_dim)
+    k_cache, v_cache = torch.zeros(shape, dtype=cache_dtype), torch.zeros(shape, dtype=cache_dtype)
+    scales = [torch.zeros(shape[:3]) for _ in range(2)] if cache_dtype == torch.int8 else [None, None]
+    positions = torch.arange(context_len)
+    slots = table.long()[positions // block_size] * block_size + positions % block_size
+    kv_store_ref(keys, values, k_cache, v_cache, slots, *scales, padded=False)
+    q = torch.randn(context_len, kv_heads * group, head_dim, generator=gen)
+    return q, k_cache, v_cache, scales, table
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
+@pytest.mark.parametrize(("head_dim", "group", "block_size"), [(64, 3, 16), (80, 1, 5), (16, 2, 4)])
+@pytest.mark.parametrize("query_len", [200, 37, 1])
+def test_paged_prefill_attention_matches_the_reference(cache_dtype, head_dim, group, block_size, query_len):
+    """A whole 200-token prompt (13 query tiles, 4-block score groups) and its last 37 / last 1 tokens
+    over a cached prefix; head_dim 64 (vector path), 80 (vector + remainder) and 16 (remainder)."""
+    context_len = 200
+    q, k_cache, v_cache, (k_scale, v_scale), table = _prefill_case(
+        context_len, group, head_dim, block_size, cache_dtype, seed=head_dim + query_len
+    )
+    q = q[context_len - query_len :]
+    scale = 1 / math.sqrt(head_dim)
+    out = ops.paged_prefill_attention(q, k_cache, v_cache, k_scale, v_scale, table, context_len, scale)
+    assert out.shape == q.shape and out.dtype == torch.float32
+    ref = paged_attention_ref(
+        q, k_cache, v_cache, table[None], [0, query_len], [context_len], scale, k_scale, v_scale
+    )
+    torch.testing.assert_close(out, ref, **CACHE_TOL[cache_dtype])
+    if cache_dtype != torch.int8:  # an independent check: SDPA on the contiguous cached values
+        positions = torch.arange(context_len)
+        slots = table.long()[positions // block_size] * block_size + positions % block_size
+        k = k_cache.flatten(0, 1)[slots].float()
+        v = v_cache.flatten(0, 1)[slots].float()
+        torch.testing.assert_close(out, sdpa_reference(q, k, v, scale), **FP32_TOL)
+
+
+def test_paged_prefill_attention_errors():
+    q, k_cache, v_cache, _, table = _prefill_case(20, 1, 16, 4, torch.float32, seed=0)
+    args = (None, None)
+    with pytest.raises(RuntimeError, match="block table"):
+        ops.paged_prefill_attention(q, k_cache, v_cache, *args, table[:2], 20, 1.0)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.paged_prefill_attention(q, k_cache, v_cache, *args, table + 100, 20, 1.0)
+    with pytest.raises(RuntimeError, match="cover the queries"):
+        ops.paged_prefill_attention(q, k_cache, v_cache, *args, table, 10, 1.0)
+    int8 = _prefill_case(20, 1, 16, 4, torch.int8, seed=0)
+    with pytest.raises(RuntimeError, match="k_scale"):
+        ops.paged_prefill_attention(int8[0], int8[1], int8[2], *args, int8[4], 20, 1.0)
 
 
 def _rotary_case(tokens: int, in_dtype: torch.dtype, seed: int):

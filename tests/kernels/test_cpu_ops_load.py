@@ -1,0 +1,41 @@
+"""Loading the compiled CPU ops: a library built once is imported directly afterwards, without
+torch's cpp_extension (and the setuptools it imports); a missing or broken note means a rebuild."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from lowbit.kernels import cpu_ops
+
+pytestmark = pytest.mark.skipif(cpu_ops.load() is None, reason="no C++ compiler: the eager path is used")
+
+
+def test_a_built_library_loads_without_cpp_extension():
+    code = (
+        "import sys\n"
+        "from lowbit.kernels import cpu_ops\n"
+        "ops = cpu_ops.load()\n"
+        "assert ops is not None and hasattr(ops, 'paged_prefill_attention')\n"
+        "print('torch.utils.cpp_extension' in sys.modules, 'setuptools' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "False"]
+
+
+def test_the_note_names_the_loaded_library():
+    assert cpu_ops._index(cpu_ops._build_name()).read_text() == cpu_ops.load().__file__
+
+
+def test_a_missing_or_wrong_library_is_not_loaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    name = cpu_ops._build_name()
+    assert cpu_ops._load_built(name) is None  # no note
+    note = cpu_ops._index(name)
+    note.parent.mkdir(parents=True)
+    note.write_text(str(tmp_path / "gone.so"))
+    assert cpu_ops._load_built(name) is None  # a note whose library is gone
+    note.write_text(str(note))  # not a shared library
+    assert cpu_ops._load_built(name) is None
