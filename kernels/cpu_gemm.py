@@ -105,21 +105,26 @@ DENSE_ROWS = 32
 # bounds that temporary: the default model's fused gate/up (3072 x 1152 split bf16, 6.75 MiB) takes
 # two chunks; each serves every row chunk before the next is made.
 DENSE_CHUNK_BYTES = 4 << 20
-# Activation rows go through the matmul in chunks of one of these sizes: whole chunks of the
-# largest, then the rest padded with zero rows to the smallest that holds it. Fixed shapes matter:
-# oneDNN JIT-compiles and caches a primitive per GEMM shape, ~0.6 MB each, so padding each prompt
-# length to its own bucket grew a server with its traffic (32 buckets up to 2048 tokens, four
-# weights each). 256-row matmuls measured as fast as whole 512-row ones; 128-row ones ~15% slower.
-DENSE_ROW_CHUNKS = (64, 128, 256)
+# Activation rows go through the matmul in chunks of two sizes: whole chunks of the large, then
+# the rest in small ones, the last padded with zero rows. Fixed shapes matter: oneDNN JIT-compiles
+# and caches a primitive per GEMM shape, ~0.6 MB each, so padding each prompt length to its own
+# bucket grew a server with its traffic (32 buckets up to 2048 tokens, four weights each).
+# 256-row matmuls measured as fast as whole 512-row ones; 64-row ones ~1.5x slower per row, which
+# at most three per call (plus one padded) keep small. The large chunk is halved until its input
+# fits DENSE_CHUNK_INPUT_BYTES: for the default model's down projection (K = 2 x 1536 split bf16)
+# that is 128 rows, where oneDNN also skips a ~2.8 MiB weight reorder it makes at 192+ rows.
+DENSE_SMALL_CHUNK, DENSE_LARGE_CHUNK = 64, 256
+DENSE_CHUNK_INPUT_BYTES = 1 << 20
 
 
-def _row_chunks(rows: int) -> list[tuple[int, int]]:
+def _row_chunks(rows: int, row_bytes: int) -> list[tuple[int, int]]:
     """(start, size) of each matmul's rows; the last may reach past `rows` (zero padding)."""
-    largest = DENSE_ROW_CHUNKS[-1]
-    chunks = [(start, largest) for start in range(0, rows - rows % largest, largest)]
-    if rest := rows % largest:
-        chunks.append((rows - rest, next(size for size in DENSE_ROW_CHUNKS if size >= rest)))
-    return chunks
+    size = DENSE_LARGE_CHUNK
+    while size > DENSE_SMALL_CHUNK and size * row_bytes > DENSE_CHUNK_INPUT_BYTES:
+        size //= 2
+    large = rows - rows % size
+    chunks = [(start, size) for start in range(0, large, size)]
+    return chunks + [(start, DENSE_SMALL_CHUNK) for start in range(large, rows, DENSE_SMALL_CHUNK)]
 
 
 def _dense_gemm(x: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int) -> torch.Tensor:
@@ -127,27 +132,34 @@ def _dense_gemm(x: torch.Tensor, packed: dict[str, torch.Tensor], group_size: in
     lead, k = x.shape[:-1], x.shape[-1]
     x = x.reshape(-1, k)
     rows = x.shape[0]
-    chunks = _row_chunks(rows)
-    padded = chunks[-1][0] + chunks[-1][1]
-    # bf16 activations meet a split weight (hi + lo halves, [n, 2K]): x is doubled to [x, x].
+    # bf16 activations meet a split weight (hi + lo halves, [n, 2K]): rows are doubled to [x, x].
     split = x.dtype == torch.bfloat16
-    xs = x.new_empty(padded, 2 * k if split else k)  # [padded, K or 2K]
-    xs[rows:] = 0
-    xs[:rows, :k] = x
-    if split:
-        xs[:rows, k:] = x
+    width = 2 * k if split else k
+    chunks = _row_chunks(rows, width * x.element_size())
+    xs = x.new_empty(max(size for _, size in chunks), width)  # one row chunk's input
     blocks = packed["q"].shape[0]
     pieces = -(-blocks * LANES * xs.shape[1] * x.element_size() // DENSE_CHUNK_BYTES)
     step = -(-blocks // max(1, pieces))  # 16-row blocks per weight chunk
-    out = x.new_empty(padded, blocks * LANES)  # [padded, N]
+    out = x.new_empty(chunks[-1][0] + chunks[-1][1], blocks * LANES)  # [padded rows, N]
     ops = load()
     for start in range(0, blocks, step):
         part = {name: t[start : start + step] for name, t in packed.items()}
         w = ops.dequantize(part["q"], part["scales"], part.get("mins"), group_size, x.dtype, split)
         columns = slice(start * LANES, start * LANES + w.shape[0])
         for r, size in chunks:
+            _fill_rows(xs[:size], x[r : r + size], split)
             if step >= blocks:  # the whole weight at once: each row chunk of out is contiguous
-                torch.mm(xs[r : r + size], w.t(), out=out[r : r + size])
+                torch.mm(xs[:size], w.t(), out=out[r : r + size])
             else:
-                out[r : r + size, columns] = torch.mm(xs[r : r + size], w.t())
+                out[r : r + size, columns] = torch.mm(xs[:size], w.t())
+        del w  # before the next chunk is made, not after: one chunk alive at a time
     return out[:rows].reshape(*lead, -1)
+
+
+def _fill_rows(xs: torch.Tensor, x: torch.Tensor, split: bool) -> None:
+    """xs [size, K or 2K] <- x [n <= size, K] (twice side by side if split), zero rows after n."""
+    n, k = x.shape
+    xs[:n, :k] = x
+    if split:
+        xs[:n, k:] = x
+    xs[n:] = 0

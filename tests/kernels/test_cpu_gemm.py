@@ -219,10 +219,10 @@ def test_many_rows_take_the_dense_path(bits, dtype, weight_chunks, monkeypatch):
     width = 2 * k if dtype == torch.bfloat16 else k  # bf16 runs against a split [n, 2K] weight
     chunk_rows = n // weight_chunks  # whole, or 3 chunks of 32 rows
     monkeypatch.setattr(cpu_gemm, "DENSE_CHUNK_BYTES", chunk_rows * width * dtype.itemsize)
-    # Row counts: one padded chunk (32, 70), whole chunks with a padded last one (2 x 256 + 5),
-    # whole chunks only (256); a 3-D input.
-    largest = cpu_gemm.DENSE_ROW_CHUNKS[-1]
-    for shape in ((cpu_gemm.DENSE_ROWS, k), (70, k), (2 * largest + 5, k), (largest, k), (2, 35, k)):
+    # Row counts: one padded small chunk (32), two small ones (70), large ones then a padded small
+    # one (2 x 256 + 5), large ones only (256); a 3-D input.
+    large = cpu_gemm.DENSE_LARGE_CHUNK
+    for shape in ((cpu_gemm.DENSE_ROWS, k), (70, k), (2 * large + 5, k), (large, k), (2, 35, k)):
         x = torch.randn(shape, generator=gen).to(dtype)
         expected = reference(x.reshape(-1, k).float(), *args).reshape(*shape[:-1], n)
         y = cpu_gemm.gemm(x, packed, g)
@@ -251,10 +251,14 @@ def test_dequantize_matches_the_canonical_weight():
 
 
 @pytest.mark.parametrize(
-    ("rows", "expected"),
-    [(1, [(0, 64)]), (64, [(0, 64)]), (65, [(0, 128)]), (256, [(0, 256)]), (300, [(0, 256), (256, 64)]),
-     (700, [(0, 256), (256, 256), (512, 256)]), (640, [(0, 256), (256, 256), (512, 128)])],
+    ("rows", "row_bytes", "expected"),
+    [(1, 2304, [(0, 64)]), (64, 2304, [(0, 64)]), (65, 2304, [(0, 64), (64, 64)]),
+     (256, 2304, [(0, 256)]), (300, 2304, [(0, 256), (256, 64)]),
+     (700, 2304, [(0, 256), (256, 256), (512, 64), (576, 64), (640, 64)]),
+     (300, 6144, [(0, 128), (128, 128), (256, 64)]),  # 256 rows would be 1.5 MiB: halved once
+     (100, 1 << 20, [(0, 64), (64, 64)])],  # never below the small chunk
 )  # fmt: skip
-def test_dense_row_chunks_cover_the_rows_in_fixed_shapes(rows, expected):
-    assert cpu_gemm.DENSE_ROW_CHUNKS == (64, 128, 256)  # the sizes this table assumes
-    assert cpu_gemm._row_chunks(rows) == expected
+def test_dense_row_chunks_cover_the_rows_in_fixed_shapes(rows, row_bytes, expected):
+    assert (cpu_gemm.DENSE_SMALL_CHUNK, cpu_gemm.DENSE_LARGE_CHUNK) == (64, 256)  # what the table assumes
+    assert cpu_gemm.DENSE_CHUNK_INPUT_BYTES == 1 << 20
+    assert cpu_gemm._row_chunks(rows, row_bytes) == expected
