@@ -106,9 +106,10 @@ DENSE_ROWS = 32
 # two chunks; each serves every row chunk before the next is made.
 DENSE_CHUNK_BYTES = 4 << 20
 # Activation rows go through the matmul in chunks of two sizes: whole chunks of the large, then
-# the rest in small ones, the last padded with zero rows. Fixed shapes matter: oneDNN JIT-compiles
-# and caches a primitive per GEMM shape, ~0.6 MB each, so padding each prompt length to its own
-# bucket grew a server with its traffic (32 buckets up to 2048 tokens, four weights each).
+# the rest in small ones, the last padded with zero rows. oneDNN JIT-compiles and caches a
+# primitive per GEMM shape (~0.6 MB each; unpadded prompt lengths grew a process by ~100 MB over
+# 40 lengths), so two row sizes per weight shape bound that whatever the prompt lengths. The rows
+# are fed one chunk at a time, so the [x, x] input of the split weight is never whole-prompt sized.
 # 256-row matmuls measured as fast as whole 512-row ones; 64-row ones ~1.5x slower per row, which
 # at most three per call (plus one padded) keep small. The large chunk is halved until its input
 # fits DENSE_CHUNK_INPUT_BYTES: for the default model's down projection (K = 2 x 1536 split bf16)

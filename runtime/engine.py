@@ -91,7 +91,6 @@ class Engine:
             checkpoint.weights,
             self.device,
             self.dtype,
-            max_positions=self.max_model_len,
             lm_head_dtype=lm_head_dtype(self.dtype, self.device),
         )
         self.kv_spec = self._kv_spec()

@@ -46,17 +46,19 @@ def _llama3_scaling(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, inv_freq: torch.Tensor, max_positions: int, device: torch.device):
+    """cos/sin of each step's positions, computed per step rather than kept as [max positions, D]
+    tables (4 MiB at an 8192-token context): at one token per sequence that is a few small ops, and
+    the values are the same fp32 products and cos/sin a table would hold."""
+
+    def __init__(self, inv_freq: torch.Tensor, device: torch.device):
         super().__init__()
-        positions = torch.arange(max_positions, dtype=torch.float32)
-        freqs = torch.outer(positions, inv_freq)  # [P, D/2]
-        # cos/sin for both halves at once: [P, D]
-        self.register_buffer("cos", torch.cat((freqs, freqs), dim=-1).cos().to(device), persistent=False)
-        self.register_buffer("sin", torch.cat((freqs, freqs), dim=-1).sin().to(device), persistent=False)
+        self.register_buffer("inv_freq", inv_freq.float().to(device), persistent=False)  # [D/2]
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin fp32 [T, 1, D] for positions [T]: gathered once per step, shared by every layer."""
-        return self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+        """cos, sin fp32 [T, 1, D] for positions [T]: made once per step, shared by every layer."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
+        both = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # both halves at once: [T, 1, D]
+        return both.cos(), both.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

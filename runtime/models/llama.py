@@ -104,7 +104,6 @@ class LlamaForCausalLM(nn.Module):
         weights: Mapping[str, WeightLike],
         device: torch.device,
         dtype: torch.dtype,
-        max_positions: int,
         lm_head_dtype: torch.dtype | None = None,
     ):
         super().__init__()
@@ -123,7 +122,7 @@ class LlamaForCausalLM(nn.Module):
         inv_freq = inverse_frequencies(
             config.head_dim, config.rope_theta, config.rope_scaling, w.get("rope_freqs")
         )
-        self.rotary = RotaryEmbedding(inv_freq, max_positions, device)
+        self.rotary = RotaryEmbedding(inv_freq, device)
         self.layers = nn.ModuleList(
             [DecoderLayer(config, w, i, device, dtype) for i in range(config.num_layers)]
         )

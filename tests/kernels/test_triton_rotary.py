@@ -28,7 +28,7 @@ TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 def tables(positions: list[int], head_dim: int = HEAD_DIM) -> tuple[torch.Tensor, torch.Tensor]:
     """The engine's cos, sin [T, 1, D] for these positions."""
     inv_freq = inverse_frequencies(head_dim, THETA, RopeScaling())
-    rope = RotaryEmbedding(inv_freq, max(positions) + 1, torch.device("cpu"))
+    rope = RotaryEmbedding(inv_freq, torch.device("cpu"))
     return rope.tables(torch.tensor(positions))
 
 

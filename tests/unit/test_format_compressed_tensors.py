@@ -14,6 +14,7 @@ from compressed_tensors.quantization.utils import calculate_qparams
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lowbit import LLM
+from lowbit.kernels import cpu_ops
 from lowbit.kernels.w4a16_matmul import pack_int4
 from lowbit.kernels.w8a8_matmul import w8a8_matmul_ref
 from lowbit.loaders import load_checkpoint
@@ -350,10 +351,15 @@ def test_package_compressed_weight_only_loads_to_the_packages_weights_and_logits
     torch.testing.assert_close(_hf_logits(theirs, ids), expected, atol=1e-4, rtol=0)
 
 
-def test_package_compressed_w8a8_matches_per_token_activation_quantization(tmp_path, tokenizer):
+def test_package_compressed_w8a8_matches_per_token_activation_quantization(tmp_path, tokenizer, monkeypatch):
     compressed, reference = _package_quantized(tmp_path, tokenizer, W8A8)
     _check_weights_match(tmp_path, reference, "w8a8")
     ids = tokenizer.encode(TEXT)
+    # Eager torch attention, as the reference's: an fp32 attention that differs from it by rounding
+    # (the compiled prefill op: ~1e-7) flips an activation's int8 rounding now and then, and one
+    # flip moves this tiny model's logits by ~1e-2 from there on, as much as activation
+    # quantization itself. The compiled ops are held to their references in tests/kernels.
+    monkeypatch.setattr(cpu_ops, "load", lambda: None)
     ours = LLM(str(tmp_path), dtype="float32", kv_cache_memory=16 << 20).engine.score(ids)
     dense = _hf_logits(reference, ids)
     for name, module in reference.named_modules():

@@ -34,3 +34,19 @@ def test_gguf_freq_factors_reproduce_llama3_scaling():
     ours = inverse_frequencies(HEAD_DIM, 500000.0, RopeScaling(), freq_factors=factors)
     torch.testing.assert_close(ours, _hf_llama3_inv_freq())
     assert not torch.allclose(ours, base)  # the factors really change something here
+
+
+def test_tables_are_hf_cos_sin_of_each_position():
+    """The per-step tables against transformers' LlamaRotaryEmbedding on the same positions, in an
+    order no table would store them (decode steps of a batch), out to a long context."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from lowbit.runtime.layers.rotary import RotaryEmbedding
+
+    config = LlamaConfig(hidden_size=HEAD_DIM * 4, num_attention_heads=4, rope_parameters=LLAMA3)
+    positions = torch.tensor([8191, 0, 17, 4096, 3, 3])
+    hf_cos, hf_sin = LlamaRotaryEmbedding(config)(torch.zeros(1, dtype=torch.float32), positions[None])
+    cos, sin = RotaryEmbedding(_hf_llama3_inv_freq(), torch.device("cpu")).tables(positions)
+    assert cos.shape == sin.shape == (len(positions), 1, HEAD_DIM)
+    torch.testing.assert_close(cos[:, 0], hf_cos[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(sin[:, 0], hf_sin[0], rtol=0, atol=1e-6)
