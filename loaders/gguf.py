@@ -7,6 +7,7 @@ packed data) and use HF's rotate-half RoPE for every format.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 
@@ -134,6 +135,9 @@ class _GGUFWeights:
 def load_gguf(path: str | os.PathLike) -> Checkpoint:
     gguf = read_gguf(path)
     config = model_config(gguf)
-    fetch = _GGUFWeights(gguf, config)
     tokenizer = tokenizer_from_gguf(gguf.metadata)
+    # The weights reader keeps the file without its metadata: the vocabulary and merges (~100k
+    # strings) are then freed before the model is built, instead of leaving half-empty allocator
+    # arenas among the model's objects (~2.5 MiB resident after load).
+    fetch = _GGUFWeights(dataclasses.replace(gguf, metadata={}), config)
     return Checkpoint(config, LazyWeights(list(fetch.by_hf), fetch), tokenizer, str(path))
