@@ -75,15 +75,20 @@ def load() -> ModuleType | None:
     except Exception as e:  # no compiler, no ninja, a failed build: the eager path still works
         logger.warning("compiled CPU ops unavailable, using eager torch ops (%s)", str(e).splitlines()[0])
         return None
-    with suppress(OSError):
-        _index(name).parent.mkdir(parents=True, exist_ok=True)
-        _index(name).write_text(module.__file__)
+    if (note := _index(name)) is not None:
+        with suppress(OSError):
+            note.parent.mkdir(parents=True, exist_ok=True)
+            note.write_text(module.__file__)
     return module
 
 
-def _index(name: str) -> Path:
-    """Where the path of build `name`'s shared library is noted once it is built."""
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+def _index(name: str) -> Path | None:
+    """Where the path of build `name`'s shared library is noted once it is built (None without a
+    cache directory: no XDG_CACHE_HOME and no home directory)."""
+    try:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    except RuntimeError:
+        return None
     return root / "lowbit" / "cpu_ops" / name
 
 
@@ -92,8 +97,10 @@ def _load_built(name: str) -> ModuleType | None:
     torch's cpp_extension would find it too, but importing that module pulls in setuptools and
     distutils (~4.5 MiB resident, ~0.1 s) only to learn that nothing needs building. The name
     covers the sources, header, CPU and torch version, so a noted library is never stale."""
+    if (note := _index(name)) is None:
+        return None
     try:
-        library = Path(_index(name).read_text())
+        library = Path(note.read_text())
         spec = importlib.util.spec_from_file_location(name, library)
         if spec is None or spec.loader is None:
             return None

@@ -39,3 +39,13 @@ def test_a_missing_or_wrong_library_is_not_loaded(tmp_path, monkeypatch):
     assert cpu_ops._load_built(name) is None  # a note whose library is gone
     note.write_text(str(note))  # not a shared library
     assert cpu_ops._load_built(name) is None
+
+
+def test_without_a_cache_directory_nothing_is_noted(monkeypatch):
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(cpu_ops.Path, "home", no_home)
+    assert cpu_ops._index("x") is None
+    assert cpu_ops._load_built("x") is None
