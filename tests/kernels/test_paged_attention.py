@@ -250,11 +250,25 @@ def test_int8_cache_decode_and_prefill(block_size, group):
             torch.testing.assert_close(out, expected, **INT8_VS_FP_TOL)
 
 
+STEPS = {
+    # a whole prompt, a chunk over a cached prefix, then 3 decodes
+    "mixed": ([17, 40, 1, 5, 23], [17, 6, 1, 1, 1], 2),
+    "one-prompt": ([40], [6], 1),  # a chunk over a cached prefix alone: no staging buffer
+}
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled-ops", "eager"])
+@pytest.mark.parametrize("step", list(STEPS))
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.int8], ids=["fp32", "int8"])
 @pytest.mark.parametrize("block_size", [1, 4])
-def test_dispatcher_mixes_prefill_and_decode(block_size, cache_dtype):
-    seq_lens = [17, 40, 1, 5, 23]
-    query_lens = [17, 6, 1, 1, 1]  # a whole prompt, a chunk over a cached prefix, then 3 decodes
+def test_dispatcher_mixes_prefill_and_decode(block_size, cache_dtype, step, compiled, monkeypatch):
+    from lowbit.kernels import cpu_ops
+
+    if not compiled:
+        monkeypatch.setattr(cpu_ops, "load", lambda: None)
+    elif cpu_ops.load() is None:
+        pytest.skip("no C++ compiler: only the eager path exists")
+    seq_lens, query_lens, num_prefills = STEPS[step]
     group = 3
     paged = build_paged(seq_lens, block_size, seed=block_size, cache_dtype=cache_dtype)
     query_start = starts(query_lens)
@@ -265,9 +279,9 @@ def test_dispatcher_mixes_prefill_and_decode(block_size, cache_dtype):
         context_lens=torch.tensor(seq_lens, dtype=torch.int32),
         query_start=tuple(query_start),
         context_lens_host=tuple(seq_lens),
-        num_prefills=2,
+        num_prefills=num_prefills,
     )
-    assert meta.num_prefill_tokens == 23
+    assert meta.num_prefill_tokens == sum(query_lens[:num_prefills])
     scale = 1 / math.sqrt(HEAD_DIM)
     out = paged_attention(q, paged.cache(), meta, scale)
     assert out.dtype == torch.float32 and out.shape == q.shape
