@@ -320,7 +320,8 @@ torch::Tensor paged_prefill_attention(torch::Tensor q, torch::Tensor k_cache, to
   TORCH_CHECK(table.dim() == 1 && context_len <= table.size(0) * k_cache.size(1),
               "context longer than the block table");
   const int64_t* tp = table.data_ptr<int64_t>();
-  for (int64_t i = 0; i < table.size(0); ++i)
+  const int64_t used = (context_len + k_cache.size(1) - 1) / k_cache.size(1);  // entries past it are padding
+  for (int64_t i = 0; i < used; ++i)
     TORCH_CHECK(tp[i] >= 0 && tp[i] < k_cache.size(0), "block table entry out of range");
   auto qf = q.to(torch::kFloat).contiguous();
   auto out = torch::empty(qf.sizes(), qf.options());

@@ -145,6 +145,11 @@ def test_paged_prefill_attention_errors():
         ops.paged_prefill_attention(q, k_cache, v_cache, *args, table[:2], 20, 1.0)
     with pytest.raises(RuntimeError, match="out of range"):
         ops.paged_prefill_attention(q, k_cache, v_cache, *args, table + 100, 20, 1.0)
+    padded = torch.cat((table, torch.tensor([-1, 10**6], dtype=table.dtype)))  # padding is not read
+    torch.testing.assert_close(
+        ops.paged_prefill_attention(q, k_cache, v_cache, *args, padded, 20, 1.0),
+        ops.paged_prefill_attention(q, k_cache, v_cache, *args, table, 20, 1.0),
+    )
     with pytest.raises(RuntimeError, match="cover the queries"):
         ops.paged_prefill_attention(q, k_cache, v_cache, *args, table, 10, 1.0)
     int8 = _prefill_case(20, 1, 16, 4, torch.int8, seed=0)
