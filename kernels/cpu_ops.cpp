@@ -172,7 +172,7 @@ inline float exp_nonpositive(float x) {
 }
 
 constexpr int64_t kKeyBlock = 16;  // keys per transposed K block: one 16-lane vector of scores
-constexpr int64_t kQueryTile = 16;  // query rows per task: each dequantized K/V row serves G x 16 queries
+constexpr int64_t kQueryTile = 16;  // query rows per task, the unit of parallel work
 
 // Dequantizes the first len keys and values of every kv head, scales folded in: K into blocks of
 // kKeyBlock keys transposed to keys[Hkv][block][D][16] (zero past len), V into values[Hkv][len][D].
@@ -265,7 +265,7 @@ inline void weighted_values(const float* p, const float* values, int64_t len, in
 // q [Tq, H, D] fp32 (the sequence's newest Tq tokens, the last at position context_len - 1);
 // caches as for decode; table [nb] int64 -> out [Tq, H, D] fp32. Query row i sees keys
 // [0, context_len - Tq + i]. Scores are never materialized beyond one row of one head; the
-// dequantized K and V of the context are (4 * 2 * Hkv * D bytes per token).
+// context's dequantized K and V are held for the call (4 * 2 * Hkv * D bytes per token).
 template <typename cache_t>
 void prefill_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                             const float* k_scale, const float* v_scale, const int64_t* table, int64_t context_len,
