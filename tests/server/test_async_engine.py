@@ -189,7 +189,9 @@ def test_concurrent_requests_each_get_their_single_request_result(exact_engine, 
     engine = exact_engine
     params = [greedy(4 + i) for i in range(len(PROMPTS))]  # they finish at different steps
     expected = [reference(engine, p, sp) for p, sp in zip(PROMPTS, params, strict=True)]
-    probe = StepProbe(engine, monkeypatch)
+    # Steps of at least 50 ms: request 0 then lives >= 250 ms, so the staggered arrivals overlap
+    # however fast the engine computes (with 10-20 ms steps it could finish before the 4th came).
+    probe = StepProbe(engine, monkeypatch, delay=0.05)
 
     async def one(ae: AsyncEngine, i: int) -> list[RequestOutput]:
         await asyncio.sleep(0.04 * i)  # staggered: later requests join while earlier ones decode
