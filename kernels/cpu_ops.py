@@ -46,9 +46,11 @@ def _build_name() -> str:
     directory shared with another kind of machine never loads instructions that one lacks; by the
     sources and header, which torch's own rebuild check does not cover (headers); and by where the
     sources are, since torch rebuilds a name whose include path changed: two checkouts sharing one
-    name rebuilt it back and forth (~100 s each) whenever both were in use; and by torch's version,
-    whose C++ ABI the library is built against."""
+    name rebuilt it back and forth (~100 s each) whenever both were in use; by torch's version,
+    whose C++ ABI the library is built against; and by the compiler flags, which torch's rebuild
+    check covers but `_load_built`, importing a noted library directly, does not."""
     key = hashlib.sha256(f"{platform.machine()} {HERE.resolve()} torch {torch.__version__}".encode())
+    key.update(" ".join(CFLAGS).encode())
     with suppress(OSError), open("/proc/cpuinfo") as f:
         key.update(next((line for line in f if line.startswith(("flags", "Features"))), "").encode())
     for name in (*SOURCES, HEADER):
@@ -96,7 +98,7 @@ def _load_built(name: str) -> ModuleType | None:
     """Build `name`, imported straight from the library a previous process built, or None.
     torch's cpp_extension would find it too, but importing that module pulls in setuptools and
     distutils (~4.5 MiB resident, ~0.1 s) only to learn that nothing needs building. The name
-    covers the sources, header, CPU and torch version, so a noted library is never stale."""
+    covers the sources, header, flags, CPU and torch version, so a noted library is never stale."""
     if (note := _index(name)) is None:
         return None
     try:

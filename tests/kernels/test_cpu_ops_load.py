@@ -49,3 +49,10 @@ def test_without_a_cache_directory_nothing_is_noted(monkeypatch):
     monkeypatch.setattr(cpu_ops.Path, "home", no_home)
     assert cpu_ops._index("x") is None
     assert cpu_ops._load_built("x") is None
+
+
+def test_other_compiler_flags_name_another_build(monkeypatch):
+    """A noted library is imported without torch's rebuild check, so the flags must be in the name."""
+    name = cpu_ops._build_name()
+    monkeypatch.setattr(cpu_ops, "CFLAGS", [*cpu_ops.CFLAGS, "-DLOWBIT_TEST_FLAG"])
+    assert cpu_ops._build_name() != name
