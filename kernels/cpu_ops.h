@@ -10,15 +10,17 @@ namespace lowbit_cpu {
 // cpu_ops.cpp: the decode step's small ops.
 torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps,
                            torch::ScalarType out_dtype);
+torch::Tensor rotary_kv_store(torch::Tensor heads, torch::Tensor cos, torch::Tensor sin, int64_t num_heads,
+                              int64_t kv_heads, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
+                              c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale);
+
+// cpu_attention.cpp: attention over the paged KV cache.
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
                                      torch::Tensor block_tables, torch::Tensor context_lens, double scale);
 torch::Tensor paged_prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                       c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
                                       torch::Tensor block_table, int64_t context_len, double scale);
-torch::Tensor rotary_kv_store(torch::Tensor heads, torch::Tensor cos, torch::Tensor sin, int64_t num_heads,
-                              int64_t kv_heads, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
-                              c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale);
 
 // cpu_gemm.cpp: group-quantized int4 / int8 GEMM.
 torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor mins,

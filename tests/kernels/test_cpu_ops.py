@@ -78,6 +78,55 @@ def test_paged_decode_attention_matches_the_reference(cache_dtype, block_size, g
             torch.testing.assert_close(out[b : b + 1], expected, **FP32_TOL)
 
 
+def _decode_case(seq_lens: list[int], group: int, head_dim: int, block_size: int, cache_dtype, seed: int):
+    """Sequences' K/V written with kv_store_ref into one pool of shuffled blocks (padding entries -1)."""
+    from lowbit.kernels.kv_store import kv_store_ref
+
+    gen = torch.Generator().manual_seed(seed)
+    kv_heads, width = 2, max(-(-n // block_size) for n in seq_lens)
+    total = sum(-(-n // block_size) for n in seq_lens)
+    shape = (total + 2, block_size, kv_heads, head_dim)
+    k_cache, v_cache = torch.zeros(shape, dtype=cache_dtype), torch.zeros(shape, dtype=cache_dtype)
+    scales = [torch.zeros(shape[:3]) for _ in range(2)] if cache_dtype == torch.int8 else [None, None]
+    owners = torch.randperm(total + 2, generator=gen)
+    tables = torch.full((len(seq_lens), width), -1, dtype=torch.int32)
+    contiguous = []
+    for b, n in enumerate(seq_lens):
+        used = -(-n // block_size)
+        tables[b, :used], owners = owners[:used].to(torch.int32), owners[used:]
+        keys = torch.randn(n, kv_heads, head_dim, generator=gen) * 2
+        values = torch.randn(n, kv_heads, head_dim, generator=gen)
+        positions = torch.arange(n)
+        slots = tables[b].long()[positions // block_size] * block_size + positions % block_size
+        kv_store_ref(keys, values, k_cache, v_cache, slots, *scales, padded=False)
+        contiguous.append((k_cache.flatten(0, 1)[slots].float(), v_cache.flatten(0, 1)[slots].float()))
+    q = torch.randn(len(seq_lens), kv_heads * group, head_dim, generator=gen)
+    return q, k_cache, v_cache, scales, tables, contiguous
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
+@pytest.mark.parametrize(
+    ("head_dim", "group", "block_size"), [(64, 3, 16), (80, 5, 16), (16, 9, 7), (24, 2, 16), (128, 4, 32)]
+)
+def test_paged_decode_attention_long_contexts(cache_dtype, head_dim, group, block_size):
+    """Contexts of 1 to 700 keys: one and several 128-key segments merged, segments that end inside a
+    block, 4-key score groups with 1-3 keys left over; head_dim 64/128 (vector), 80 (4 + 1 lane
+    chunks), 16 (one chunk), 24 (scalar); 1-4 query heads per pass and more than 8 per kv head."""
+    seq_lens = [700, 1, 129, 256, 3, 383]
+    q, k_cache, v_cache, (k_scale, v_scale), tables, contiguous = _decode_case(
+        seq_lens, group, head_dim, block_size, cache_dtype, seed=head_dim + group
+    )
+    scale = 1 / math.sqrt(head_dim)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    out = ops.paged_decode_attention(q, k_cache, v_cache, k_scale, v_scale, tables, lens, scale)
+    starts, table = list(range(len(seq_lens) + 1)), tables.clamp(min=0)
+    ref = paged_attention_ref(q, k_cache, v_cache, table, starts, seq_lens, scale, k_scale, v_scale)
+    torch.testing.assert_close(out, ref, **CACHE_TOL[cache_dtype])
+    if cache_dtype != torch.int8:  # an independent check on the contiguous cached values
+        for b, (k, v) in enumerate(contiguous):
+            torch.testing.assert_close(out[b : b + 1], sdpa_reference(q[b : b + 1], k, v, scale), **FP32_TOL)
+
+
 def test_paged_decode_attention_errors():
     paged = build_paged([4], 4, seed=0)
     q = random_q(1, 1, seed=0)
@@ -88,6 +137,14 @@ def test_paged_decode_attention_errors():
     int8 = build_paged([4], 4, seed=0, cache_dtype=torch.int8)
     with pytest.raises(RuntimeError, match="k_scale"):
         ops.paged_decode_attention(q, int8.k_cache, int8.v_cache, None, None, int8.block_tables, lens, 1.0)
+    out_of_range = paged.block_tables + paged.k_cache.shape[0]
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.paged_decode_attention(q, paged.k_cache, paged.v_cache, None, None, out_of_range, lens, 1.0)
+    caches = (paged.k_cache, paged.v_cache, None, None, paged.block_tables)
+    with pytest.raises(RuntimeError, match=">= 0"):
+        ops.paged_decode_attention(q, *caches, -lens, 1.0)
+    empty = ops.paged_decode_attention(q, *caches, lens * 0, 1.0)
+    assert torch.equal(empty, torch.zeros_like(q))  # no keys: zeros (a softmax over nothing is NaN)
 
 
 def _prefill_case(context_len: int, group: int, head_dim: int, block_size: int, cache_dtype, seed: int):
