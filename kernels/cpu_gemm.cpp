@@ -25,6 +25,12 @@
 #include <immintrin.h>
 #endif
 
+#if defined(__AMX_TILE__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -251,6 +257,128 @@ void tile_avx512(const Problem& p, int64_t block, int64_t m0) {
 }
 #endif
 
+// ---------------------------------------------------------------- AMX path (int4, bf16 x, 2+ rows)
+// With several activation rows the AVX-512 loop above is bound by multiply-adds (each weight
+// vector feeds two FMAs per row), not by memory: 8 rows ran a decode layer's GEMMs ~3x slower than
+// one. AMX multiplies tiles instead: the same unpacked 128 + q words of 32 features x 16 output
+// rows are exactly a bf16 B tile (16 feature pairs x 16 columns x 2), x's rows for those features
+// an A tile, and one tdpbf16ps does all rows' 512 multiply-adds. Per group the tile's raw sums are
+// scaled and shifted in AVX-512 as above (scales differ per output row and group, and rounding the
+// weights with their scale into bf16 would not be exact).
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__)
+// Linux hands out the tile registers' state only to processes that ask (arch_prctl), once.
+bool amx_ready() {
+  static const bool ready = [] {
+    constexpr int ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  }();
+  return ready;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};  // bytes per row of each tile register
+  uint8_t rows[16] = {};
+};
+
+// The B tile of features [k, k + 32) of a weight block: 4 chunks of 8 features unpacked to
+// 128 + q bf16 words, one feature pair (64 bytes) per tile row.
+inline void unpack_b_tile(const uint8_t* chunks, __m512i (&b)[16]) {
+  const __m512i nibble = _mm512_set1_epi8(15), pad = _mm512_set1_epi8(0x43);
+  for (int chunk = 0; chunk < 4; ++chunk) {
+    prefetch(chunks + 64 * chunk);
+    const __m512i v = _mm512_loadu_si512(chunks + 64 * chunk);
+    const __m512i lo = _mm512_and_si512(v, nibble);
+    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+    b[4 * chunk] = _mm512_unpacklo_epi8(lo, pad);
+    b[4 * chunk + 1] = _mm512_unpackhi_epi8(lo, pad);
+    b[4 * chunk + 2] = _mm512_unpacklo_epi8(hi, pad);
+    b[4 * chunk + 3] = _mm512_unpackhi_epi8(hi, pad);
+  }
+}
+
+// Rows [m0, m0 + MT) of x (padded with zero rows) over one 16-row weight block. Groups go in
+// pairs on two sets of tiles (A 0/5, B 1/4, C 2/3), so one's loads and multiply overlap the
+// other's; their raw sums wait in `sums` [groups][MT][16] for the scaling pass at the end.
+template <int MT, typename S>
+void block_int4_amx(const Problem& p, const uint16_t* xpad, int64_t block, int64_t m0, float* sums) {
+  const int64_t groups = p.K / p.G, rows = std::min<int64_t>(MT, p.M - m0);
+  const auto* qb = static_cast<const uint8_t*>(p.q) + block * p.K * 8;
+  const auto* sb = static_cast<const S*>(p.scales) + block * groups * LANES;
+  const auto* mb = static_cast<const S*>(p.mins) + block * groups * LANES;
+  const uint16_t* xa = xpad + m0 * p.K;
+  const int64_t stride = p.K * sizeof(uint16_t);
+  __m512i b0[16], b1[16];
+  for (int64_t g = 0; g < groups; g += 2) {
+    const bool pair = g + 1 < groups;
+    _tile_zero(2);
+    if (pair) _tile_zero(3);
+    for (int64_t k = g * p.G; k < (g + 1) * p.G; k += 32) {
+      unpack_b_tile(qb + k * 8, b0);
+      _tile_loadd(1, b0, 64);
+      _tile_loadd(0, xa + k, stride);
+      _tile_dpbf16ps(2, 0, 1);
+      if (pair) {
+        unpack_b_tile(qb + (k + p.G) * 8, b1);
+        _tile_loadd(4, b1, 64);
+        _tile_loadd(5, xa + k + p.G, stride);
+        _tile_dpbf16ps(3, 5, 4);
+      }
+    }
+    _tile_stored(2, sums + g * MT * LANES, LANES * sizeof(float));
+    if (pair) _tile_stored(3, sums + (g + 1) * MT * LANES, LANES * sizeof(float));
+  }
+  __m512 acc[MT];
+  for (int t = 0; t < MT; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512 s = load16(sb + g * LANES);
+    const __m512 mn = _mm512_fnmadd_ps(s, _mm512_set1_ps(128.f), load16(mb + g * LANES));  // see above
+    const float* sg = sums + g * MT * LANES;
+    for (int t = 0; t < MT; ++t) {
+      if (t >= rows) break;
+      acc[t] = _mm512_fmadd_ps(_mm512_loadu_ps(sg + t * LANES), s, acc[t]);
+      acc[t] = _mm512_fmadd_ps(mn, _mm512_set1_ps(p.xsum[(m0 + t) * groups + g]), acc[t]);
+    }
+  }
+  alignas(64) float v[LANES];
+  for (int t = 0; t < rows; ++t) {
+    _mm512_store_ps(v, acc[t]);
+    store(p, m0 + t, block, v);
+  }
+}
+
+template <int MT, typename S>
+void run_int4_amx_tiles(const Problem& p) {
+  const int64_t padded = (p.M + MT - 1) / MT * MT;
+  std::vector<uint16_t> xpad(padded * p.K, 0);  // A tiles read whole tiles: zero rows past M
+  std::memcpy(xpad.data(), p.xbf16, p.M * p.K * sizeof(uint16_t));
+  at::parallel_for(0, p.N / LANES, 1, [&](int64_t begin, int64_t end) {
+    TileConfig config;  // per thread: tile configuration is thread state
+    for (const int tile : {0, 2, 3, 5}) config.rows[tile] = MT;  // A and C tiles: one row per x row
+    config.rows[1] = config.rows[4] = 16;  // B tiles: 16 feature pairs
+    for (const int tile : {0, 1, 2, 3, 4, 5}) config.colsb[tile] = 64;
+    _tile_loadconfig(&config);
+    std::vector<float> sums(p.K / p.G * MT * LANES);
+    for (int64_t block = begin; block < end; ++block)
+      for (int64_t m0 = 0; m0 < p.M; m0 += MT) block_int4_amx<MT, S>(p, xpad.data(), block, m0, sums.data());
+    _tile_release();
+  });
+}
+
+// Rows per A tile: M rounded up to 4, 8 or 16 (at most 16), so that few padding rows are computed.
+template <typename S>
+void run_int4_amx(const Problem& p) {
+  if (p.M <= 4) return run_int4_amx_tiles<4, S>(p);
+  if (p.M <= 8) return run_int4_amx_tiles<8, S>(p);
+  run_int4_amx_tiles<16, S>(p);
+}
+#else
+bool amx_ready() { return false; }
+template <typename S>
+void run_int4_amx(const Problem&) {}
+#endif
+
 template <bool INT4, typename S>
 void run_tile(const Problem& p, int64_t block, int64_t m0, int rows, bool portable) {
 #if defined(__AVX512F__)
@@ -273,6 +401,7 @@ void run_tile(const Problem& p, int64_t block, int64_t m0, int rows, bool portab
 
 template <bool INT4, typename S>
 void run(const Problem& p, bool portable) {
+  if (INT4 && !portable && p.xbf16 != nullptr && p.M >= 2 && amx_ready()) return run_int4_amx<S>(p);
   // Each thread takes whole blocks of 16 output rows and runs every activation row over a block
   // while it is in L1 (16 rows x K=1536 int4 is 12 KiB), so weights leave memory once per call.
   at::parallel_for(0, p.N / LANES, 1, [&](int64_t begin, int64_t end) {
@@ -445,5 +574,7 @@ bool has_avx512() {
   return false;
 #endif
 }
+
+bool has_amx() { return amx_ready(); }
 
 }  // namespace lowbit_cpu

@@ -30,6 +30,7 @@ torch::Tensor int8_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, 
 torch::Tensor dequantize(torch::Tensor q, torch::Tensor scales, c10::optional<torch::Tensor> mins,
                          int64_t group_size, torch::ScalarType dtype, bool split);
 bool has_avx512();
+bool has_amx();  // compiled in, and the kernel lets this process use the tiles
 
 // cpu_decode_layer.cpp: a whole decoder layer for steps where every sequence has one new token.
 torch::Tensor silu_mul(torch::Tensor gate_up);

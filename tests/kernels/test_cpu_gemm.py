@@ -25,7 +25,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FP32_REL = 1e-5
 # (N, K, G): GGUF blocks of 32, GPTQ/AWQ groups of 64 and 128, per-channel int8 (G = K).
 SHAPES = [(16, 32, 32), (48, 128, 32), (32, 256, 64), (64, 384, 128), (16, 1536, 32)]
-ROWS = [1, 2, 3, 4, 5, 9]
+ROWS = [1, 2, 3, 4, 5, 9, 20]
 
 
 def _int4_weight(n: int, k: int, g: int, gen: torch.Generator, fp16_scales: bool):
@@ -262,3 +262,11 @@ def test_dense_row_chunks_cover_the_rows_in_fixed_shapes(rows, row_bytes, expect
     assert (cpu_gemm.DENSE_SMALL_CHUNK, cpu_gemm.DENSE_LARGE_CHUNK) == (64, 256)  # what the table assumes
     assert cpu_gemm.DENSE_CHUNK_INPUT_BYTES == 1 << 20
     assert cpu_gemm._row_chunks(rows, row_bytes) == expected
+
+
+def test_amx_runs_the_bf16_rows_where_the_cpu_has_it():
+    """On a CPU with AMX (and Linux 5.16+, which grants the tiles), bf16 activations of 2+ rows in
+    test_int4_gemm_matches_reference run on AMX tiles, so those cases test that path."""
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split() for line in f if line.startswith("flags")), [])
+    assert ops.has_amx() == ({"amx_tile", "amx_bf16", "avx512_bf16"} <= set(flags))
