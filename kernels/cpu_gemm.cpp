@@ -125,13 +125,28 @@ inline __m512 load16(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
+// store() for one vector: bf16 rounds as c10::BFloat16 does (to nearest even on the bits, NaN to
+// 0x7FC0), which vcvtneps2bf16 would not for denormals; at hundreds of rows a scalar loop of
+// conversions took as long as the GEMM.
+inline void store16(const Problem& p, int64_t row, int64_t block, __m512 v) {
+  const int64_t at = row * p.N + block * LANES;
+  if (p.out_dtype == torch::kFloat) {
+    _mm512_storeu_ps(static_cast<float*>(p.y) + at, v);
+  } else if (p.out_dtype == torch::kBFloat16) {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<c10::BFloat16*>(p.y) + at), _mm512_cvtepi32_epi16(rounded));
+  } else {
+    const __m256i half = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<c10::Half*>(p.y) + at), half);
+  }
+}
+
 template <int T>
 inline void store_tile(const Problem& p, int64_t block, int64_t m0, const __m512 (&acc)[T]) {
-  alignas(64) float v[LANES];
-  for (int t = 0; t < T; ++t) {
-    _mm512_store_ps(v, acc[t]);
-    store(p, m0 + t, block, v);
-  }
+  for (int t = 0; t < T; ++t) store16(p, m0 + t, block, acc[t]);
 }
 
 // At one token a step the weights come from DRAM once each, and the loop is bound by how soon they
@@ -284,7 +299,7 @@ struct alignas(64) TileConfig {
 
 // The B tile of features [k, k + 32) of a weight block: 4 chunks of 8 features unpacked to
 // 128 + q bf16 words, one feature pair (64 bytes) per tile row.
-inline void unpack_b_tile(const uint8_t* chunks, __m512i (&b)[16]) {
+inline void unpack_b_tile(const uint8_t* chunks, __m512i* b) {
   const __m512i nibble = _mm512_set1_epi8(15), pad = _mm512_set1_epi8(0x43);
   for (int chunk = 0; chunk < 4; ++chunk) {
     prefetch(chunks + 64 * chunk);
@@ -298,30 +313,28 @@ inline void unpack_b_tile(const uint8_t* chunks, __m512i (&b)[16]) {
   }
 }
 
-// Rows [m0, m0 + MT) of x (padded with zero rows) over one 16-row weight block. Groups go in
-// pairs on two sets of tiles (A 0/5, B 1/4, C 2/3), so one's loads and multiply overlap the
-// other's; their raw sums wait in `sums` [groups][MT][16] for the scaling pass at the end.
+// Rows [m0, m0 + MT) of x (padded with zero rows) over one 16-row weight block, whose B tiles
+// (`tiles`, [K/32][16 x 64 bytes]) are unpacked once for all row tiles. Groups go in pairs on two
+// sets of tiles (A 0/5, B 1/4, C 2/3), so one's loads and multiply overlap the other's; their raw
+// sums wait in `sums` [groups][MT][16] for the scaling pass at the end.
 template <int MT, typename S>
-void block_int4_amx(const Problem& p, const uint16_t* xpad, int64_t block, int64_t m0, float* sums) {
+void rows_int4_amx(const Problem& p, const uint16_t* xpad, const __m512i* tiles, int64_t block, int64_t m0,
+                   float* sums) {
   const int64_t groups = p.K / p.G, rows = std::min<int64_t>(MT, p.M - m0);
-  const auto* qb = static_cast<const uint8_t*>(p.q) + block * p.K * 8;
   const auto* sb = static_cast<const S*>(p.scales) + block * groups * LANES;
   const auto* mb = static_cast<const S*>(p.mins) + block * groups * LANES;
   const uint16_t* xa = xpad + m0 * p.K;
   const int64_t stride = p.K * sizeof(uint16_t);
-  __m512i b0[16], b1[16];
   for (int64_t g = 0; g < groups; g += 2) {
     const bool pair = g + 1 < groups;
     _tile_zero(2);
     if (pair) _tile_zero(3);
     for (int64_t k = g * p.G; k < (g + 1) * p.G; k += 32) {
-      unpack_b_tile(qb + k * 8, b0);
-      _tile_loadd(1, b0, 64);
+      _tile_loadd(1, tiles + (k / 32) * 16, 64);
       _tile_loadd(0, xa + k, stride);
       _tile_dpbf16ps(2, 0, 1);
       if (pair) {
-        unpack_b_tile(qb + (k + p.G) * 8, b1);
-        _tile_loadd(4, b1, 64);
+        _tile_loadd(4, tiles + ((k + p.G) / 32) * 16, 64);
         _tile_loadd(5, xa + k + p.G, stride);
         _tile_dpbf16ps(3, 5, 4);
       }
@@ -341,11 +354,7 @@ void block_int4_amx(const Problem& p, const uint16_t* xpad, int64_t block, int64
       acc[t] = _mm512_fmadd_ps(mn, _mm512_set1_ps(p.xsum[(m0 + t) * groups + g]), acc[t]);
     }
   }
-  alignas(64) float v[LANES];
-  for (int t = 0; t < rows; ++t) {
-    _mm512_store_ps(v, acc[t]);
-    store(p, m0 + t, block, v);
-  }
+  for (int t = 0; t < rows; ++t) store16(p, m0 + t, block, acc[t]);
 }
 
 template <int MT, typename S>
@@ -360,8 +369,14 @@ void run_int4_amx_tiles(const Problem& p) {
     for (const int tile : {0, 1, 2, 3, 4, 5}) config.colsb[tile] = 64;
     _tile_loadconfig(&config);
     std::vector<float> sums(p.K / p.G * MT * LANES);
-    for (int64_t block = begin; block < end; ++block)
-      for (int64_t m0 = 0; m0 < p.M; m0 += MT) block_int4_amx<MT, S>(p, xpad.data(), block, m0, sums.data());
+    std::vector<__m512i> tiles(p.K / 32 * 16);  // one block's B tiles
+    for (int64_t block = begin; block < end; ++block) {
+      const auto* qb = static_cast<const uint8_t*>(p.q) + block * p.K * 8;
+      for (int64_t k = 0; k < p.K; k += 32)
+        unpack_b_tile(qb + k * 8, tiles.data() + (k / 32) * 16);
+      for (int64_t m0 = 0; m0 < p.M; m0 += MT)
+        rows_int4_amx<MT, S>(p, xpad.data(), tiles.data(), block, m0, sums.data());
+    }
     _tile_release();
   });
 }
@@ -401,7 +416,6 @@ void run_tile(const Problem& p, int64_t block, int64_t m0, int rows, bool portab
 
 template <bool INT4, typename S>
 void run(const Problem& p, bool portable) {
-  if (INT4 && !portable && p.xbf16 != nullptr && p.M >= 2 && amx_ready()) return run_int4_amx<S>(p);
   // Each thread takes whole blocks of 16 output rows and runs every activation row over a block
   // while it is in L1 (16 rows x K=1536 int4 is 12 KiB), so weights leave memory once per call.
   at::parallel_for(0, p.N / LANES, 1, [&](int64_t begin, int64_t end) {
@@ -442,31 +456,34 @@ static torch::Tensor gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "x: expected [..., ", K, "], got ", x.sizes());
   TORCH_CHECK(x.is_floating_point(), "x: expected a floating dtype, got ", x.scalar_type());
   const int64_t M = x.numel() / K, N = q.size(0) * LANES, groups = K / group_size;
-  // Activations in fp32 once per call (M x K is small next to the weight), with per-group sums
-  // for the int4 min term. Done here rather than with torch ops: at one token per step the
-  // kernel runs in tens of microseconds, and each extra op dispatch costs a few.
+  // Per-group sums of x for the int4 min term, and (except for the AMX path, which reads bf16 x
+  // directly) x in fp32, once per call. Done here rather than with torch ops: at one token per
+  // step the kernel runs in tens of microseconds, and each extra op dispatch costs a few.
   const auto xc = x.contiguous();
-  std::vector<float> xf(M * K);
+  const bool bf16_dot = int4 && HAS_BF16_DOT && !portable && x.scalar_type() == torch::kBFloat16;
+  const bool amx = bf16_dot && M >= 2 && amx_ready();
+  std::vector<float> xf(amx ? 0 : M * K), xsum(int4 ? M * groups : 0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "cpu_gemm_x", [&] {
     const scalar_t* src = xc.data_ptr<scalar_t>();
-    for (int64_t i = 0; i < M * K; ++i) xf[i] = static_cast<float>(src[i]);
+    if (!amx)
+      for (int64_t i = 0; i < M * K; ++i) xf[i] = static_cast<float>(src[i]);
+    for (int64_t i = 0; i < static_cast<int64_t>(xsum.size()); ++i) {  // groups of [M, K] in order
+      float sum = 0.f;
+      for (int64_t k = 0; k < group_size; ++k) sum += static_cast<float>(src[i * group_size + k]);
+      xsum[i] = sum;
+    }
   });
-  std::vector<float> xsum(int4 ? M * groups : 0);
-  for (int64_t i = 0; i < static_cast<int64_t>(xsum.size()); ++i) {
-    float s = 0.f;
-    for (int64_t k = 0; k < group_size; ++k) s += xf[i * group_size + k];  // groups of [M, K] in order
-    xsum[i] = s;
-  }
   TORCH_CHECK(out_dtype == torch::kFloat || out_dtype == torch::kBFloat16 || out_dtype == torch::kHalf,
               "out_dtype: expected fp32, bf16 or fp16, got ", out_dtype);
   auto shape = x.sizes().vec();
   shape.back() = N;
   auto y = torch::empty(shape, x.options().dtype(out_dtype));
-  const bool bf16_dot = int4 && HAS_BF16_DOT && !portable && x.scalar_type() == torch::kBFloat16;
   Problem p{xf.data(), xsum.data(), bf16_dot ? xc.data_ptr() : nullptr, q.data_ptr(), scales.data_ptr(),
             int4 ? mins->data_ptr() : nullptr, M, N, K, group_size, y.data_ptr(), out_dtype};
   const bool half = scales.scalar_type() == torch::kHalf;
-  if (int4) {
+  if (amx) {
+    half ? run_int4_amx<c10::Half>(p) : run_int4_amx<float>(p);
+  } else if (int4) {
     half ? run<true, c10::Half>(p, portable) : run<true, float>(p, portable);
   } else {
     half ? run<false, c10::Half>(p, portable) : run<false, float>(p, portable);

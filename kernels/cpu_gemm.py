@@ -13,6 +13,7 @@ References: w4a16_matmul_ref and w8a16_matmul_ref (tests/kernels/test_cpu_gemm.p
 
 from __future__ import annotations
 
+from functools import cache
 from types import ModuleType
 
 import torch
@@ -86,7 +87,7 @@ def gemm(
     mins) or pack_int8. portable: the portable loops instead of AVX-512, and never the dense
     path (tests run every path)."""
     out_dtype = out_dtype or x.dtype
-    if not portable and x.numel() >= DENSE_ROWS * x.shape[-1]:
+    if not portable and x.numel() >= DENSE_ROWS * x.shape[-1] and not _on_amx(x, packed):
         return _dense_gemm(x, packed, group_size).to(out_dtype)
     ops, q, scales = load(), packed["q"], packed["scales"]
     if "mins" in packed:
@@ -94,12 +95,26 @@ def gemm(
     return ops.int8_gemm(x, q, scales, group_size, out_dtype, portable)
 
 
+def _on_amx(x: torch.Tensor, packed: dict[str, torch.Tensor]) -> bool:
+    """Whether the kernel runs these rows on AMX tiles (int4 weights, bf16 rows, a CPU and kernel
+    that allow AMX). It does at any row count: at 512 rows of the default model's projections it
+    took 1.4-3.4 ms against the dense path's 1.9-6.6, and 3-9x less at 32-128 rows, without the
+    dense path's dequantized weight chunks."""
+    return "mins" in packed and x.dtype == torch.bfloat16 and _has_amx()
+
+
+@cache
+def _has_amx() -> bool:
+    return load().has_amx()
+
+
 # From this many activation rows on (prefill, long batches), dequantizing the weight and running
-# torch's dense matmul is faster than the per-row kernel. Measured on a 2-core Xeon (AMX), a
+# torch's dense matmul is faster than the per-row kernel (without AMX). Measured on a 2-core Xeon (AMX), a
 # 512x576 @ 576x3072 product: 11 ms in cpu_gemm, 1.5-2.6 ms as one bf16 matmul, 7.4 ms in fp32.
 # bf16 activations use a split weight (hi + lo, two bf16 halves, summed inside one matmul): a
 # bf16-rounded weight alone moved the default model's logits by up to 1.8 over a 300-token
-# passage, against 0.7 with exact fp32 weights.
+# passage, against 0.7 with exact fp32 weights (a later run read 0.75 for it: that maximum is
+# mostly rounding noise at a few positions, docs/accuracy.md; the split weight stays exact).
 DENSE_ROWS = 32
 # The weight is dequantized about this many bytes at a time (even chunks of 16-row blocks), which
 # bounds that temporary: the default model's fused gate/up (3072 x 1152 split bf16, 6.75 MiB) takes

@@ -219,6 +219,7 @@ def test_many_rows_take_the_dense_path(bits, dtype, weight_chunks, monkeypatch):
     width = 2 * k if dtype == torch.bfloat16 else k  # bf16 runs against a split [n, 2K] weight
     chunk_rows = n // weight_chunks  # whole, or 3 chunks of 32 rows
     monkeypatch.setattr(cpu_gemm, "DENSE_CHUNK_BYTES", chunk_rows * width * dtype.itemsize)
+    monkeypatch.setattr(cpu_gemm, "_on_amx", lambda x, packed: False)  # what CPUs without AMX run
     # Row counts: one padded small chunk (32), two small ones (70), large ones then a padded small
     # one (2 x 256 + 5), large ones only (256); a 3-D input.
     large = cpu_gemm.DENSE_LARGE_CHUNK
@@ -230,6 +231,26 @@ def test_many_rows_take_the_dense_path(bits, dtype, weight_chunks, monkeypatch):
         assert_close_rel(y, expected, DENSE_REL[dtype])
         portable = cpu_gemm.gemm(x, packed, g, out_dtype=torch.float32, portable=True)  # the row kernel
         assert_close_rel(portable, expected, FP32_REL)
+
+
+@pytest.mark.skipif(ops is None or not ops.has_amx(), reason="the CPU or kernel does not allow AMX")
+def test_many_bf16_rows_of_int4_stay_on_the_amx_kernel(monkeypatch):
+    """With AMX, int4 weights meet bf16 rows in the kernel at any row count (a prompt chunk too):
+    the dense path is not called, and the result is the fp32 reference's up to summation order."""
+    gen = torch.Generator().manual_seed(4)
+    n, k, g = 96, 256, 64
+    qweight, scales, mins = _int4_weight(n, k, g, gen, True)
+    packed = cpu_gemm.pack_int4(qweight, scales, mins)
+
+    def no_dense(*args):
+        raise AssertionError("the dense path ran")
+
+    monkeypatch.setattr(cpu_gemm, "_dense_gemm", no_dense)
+    for rows in (cpu_gemm.DENSE_ROWS, 77, 300):  # 16-row tiles, the last padded
+        x = torch.randn(rows, k, generator=gen).bfloat16()
+        y = cpu_gemm.gemm(x, packed, g, out_dtype=torch.float32)
+        assert_close_rel(y, w4a16_matmul_ref(x.float(), qweight, scales, mins, g), FP32_REL)
+        assert torch.equal(cpu_gemm.gemm(x, packed, g), y.bfloat16())  # bf16 out, rounded as torch does
 
 
 def test_dequantize_matches_the_canonical_weight():

@@ -47,7 +47,10 @@ def test_fast_mode_logits_and_top1_over_passage(llm_fast, hf_model, wiki_ids):
     agreement = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
     print(f"fast mode over {len(wiki_ids)} tokens: max |dlogit| {diff.max():.3f}, "
           f"mean {diff.mean():.4f}, top-1 agreement {agreement:.2%}")  # fmt: skip
-    assert diff.max() < 1.5
+    # The maximum is rounding noise at a few sensitive positions (18-25 of this passage), where a
+    # ~1e-6 change in a GEMM flips bf16 roundings of activations downstream: four GEMM variants
+    # that agree to fp32 rounding read 0.73-1.73 (docs/accuracy.md). A bug moves logits by several.
+    assert diff.max() < 2.5
     assert diff.mean() < 0.15
     assert agreement >= 0.97
 
