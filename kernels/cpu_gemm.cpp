@@ -32,7 +32,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -282,8 +284,11 @@ void tile_avx512(const Problem& p, int64_t block, int64_t m0) {
 // weights with their scale into bf16 would not be exact).
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__)
 // Linux hands out the tile registers' state only to processes that ask (arch_prctl), once.
+// LOWBIT_AMX=0 keeps the AVX-512 and dense paths (for A/B runs, or a machine that misreports AMX).
 bool amx_ready() {
   static const bool ready = [] {
+    const char* env = std::getenv("LOWBIT_AMX");
+    if (env != nullptr && std::string(env) == "0") return false;
     constexpr int ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
     return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
   }();

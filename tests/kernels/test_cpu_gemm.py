@@ -6,6 +6,10 @@ sizes; the packed layout against its definition; and the small decode-step ops b
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -283,6 +287,14 @@ def test_dense_row_chunks_cover_the_rows_in_fixed_shapes(rows, row_bytes, expect
     assert (cpu_gemm.DENSE_SMALL_CHUNK, cpu_gemm.DENSE_LARGE_CHUNK) == (64, 256)  # what the table assumes
     assert cpu_gemm.DENSE_CHUNK_INPUT_BYTES == 1 << 20
     assert cpu_gemm._row_chunks(rows, row_bytes) == expected
+
+
+def test_lowbit_amx_0_keeps_amx_off():
+    """The switch for A/B runs; the extension is loaded in a fresh process that has it set."""
+    code = "from lowbit.kernels import cpu_ops; print(cpu_ops.load().has_amx())"
+    env = {**os.environ, "LOWBIT_AMX": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_amx_runs_the_bf16_rows_where_the_cpu_has_it():
