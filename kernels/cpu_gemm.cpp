@@ -274,14 +274,15 @@ void tile_avx512(const Problem& p, int64_t block, int64_t m0) {
 }
 #endif
 
-// ---------------------------------------------------------------- AMX path (int4, bf16 x, 2+ rows)
-// With several activation rows the AVX-512 loop above is bound by multiply-adds (each weight
-// vector feeds two FMAs per row), not by memory: 8 rows ran a decode layer's GEMMs ~3x slower than
-// one. AMX multiplies tiles instead: the same unpacked 128 + q words of 32 features x 16 output
-// rows are exactly a bf16 B tile (16 feature pairs x 16 columns x 2), x's rows for those features
-// an A tile, and one tdpbf16ps does all rows' 512 multiply-adds. Per group the tile's raw sums are
-// scaled and shifted in AVX-512 as above (scales differ per output row and group, and rounding the
-// weights with their scale into bf16 would not be exact).
+// ---------------------------------------------------------------- AMX path (bf16/fp16 x, 2+ rows)
+// With several activation rows the AVX-512 loops above are bound by multiply-adds (each weight
+// vector feeds one or two FMAs per row), not by memory: 8 rows ran a decode layer's GEMMs ~3x
+// slower than one. AMX multiplies tiles instead: the same unpacked 128 + q words of 32 features x
+// 16 output rows are exactly a bf16 B tile (16 feature pairs x 16 columns x 2), as are int8 codes
+// converted to bf16; x's rows for those features are an A tile, and one tdpbf16ps does all rows'
+// 512 multiply-adds. Per group the tile's raw sums are scaled (and for int4 shifted) in AVX-512 as
+// above: scales differ per output row and group, and rounding the weights with their scale into
+// bf16 would not be exact.
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__)
 // Linux hands out the tile registers' state only to processes that ask (arch_prctl), once.
 // LOWBIT_AMX=0 keeps the AVX-512 and dense paths (for A/B runs, or a machine that misreports AMX).
@@ -318,17 +319,57 @@ inline void unpack_b_tile(const uint8_t* chunks, __m512i* b) {
   }
 }
 
-// Rows [m0, m0 + MT) of x (padded with zero rows) over one 16-row weight block, whose B tiles
-// (`tiles`, [K/32][16 x 64 bytes]) are unpacked once for all row tiles. Groups go in pairs on two
-// sets of tiles (A 0/5, B 1/4, C 2/3), so one's loads and multiply overlap the other's; their raw
-// sums wait in `sums` [groups][MT][16] for the scaling pass at the end.
-template <int MT, typename S>
-void rows_int4_amx(const Problem& p, const uint16_t* xpad, const __m512i* tiles, int64_t block, int64_t m0,
-                   float* sums) {
+// The B tile of features [k, k + 32) of an int8 weight block (16 rows x 1 feature per 16 bytes):
+// each feature pair's two 16-byte rows become bf16 words side by side. |q| <= 128 is exact in bf16,
+// which is the top half of the fp32 the integer converts to.
+inline void unpack_b_tile_int8(const uint8_t* features, __m512i* b) {
+  const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  for (int j = 0; j < 16; ++j) {
+    const uint8_t* even = features + 2 * j * LANES;
+    if (j % 2 == 0) prefetch(even);
+    const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(even))));
+    const __m512 c =
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(even + LANES))));
+    b[j] = _mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(c), high),
+                           _mm512_srli_epi32(_mm512_castps_si512(a), 16));
+  }
+}
+
+// x's rows as A tiles: bf16 rows as they are; fp16 rows as two bf16 halves, hi = bf16(x) and
+// lo = x - hi (exact: fp16's 11 significant bits fit in two bf16s), both multiplied by each B tile.
+struct AmxRows {
+  std::vector<uint16_t> hi, lo;  // [padded rows, K]; lo empty for bf16 rows
+};
+
+AmxRows amx_rows(const torch::Tensor& x, int64_t M, int64_t K, int64_t padded) {
+  AmxRows rows;
+  rows.hi.assign(padded * K, 0);  // A tiles read whole tiles: zero rows past M
+  if (x.scalar_type() == torch::kBFloat16) {
+    std::memcpy(rows.hi.data(), x.data_ptr(), M * K * sizeof(uint16_t));
+    return rows;
+  }
+  rows.lo.assign(padded * K, 0);
+  const auto* src = x.data_ptr<c10::Half>();
+  for (int64_t i = 0; i < M * K; ++i) {
+    const float v = static_cast<float>(src[i]);
+    const c10::BFloat16 hi(v);
+    rows.hi[i] = hi.x;
+    rows.lo[i] = c10::BFloat16(v - static_cast<float>(hi)).x;
+  }
+  return rows;
+}
+
+// Rows [m0, m0 + MT) of x over one 16-row weight block, whose B tiles (`tiles`, [K/32][16 x 64
+// bytes]) are unpacked once for all row tiles. Groups go in pairs on two sets of tiles (A 0/5,
+// with fp16 rows also A 6/7 for the low halves; B 1/4; C 2/3), so one's loads and multiply overlap
+// the other's; their raw sums wait in `sums` [groups][MT][16] for the scaling pass at the end.
+template <int MT, bool INT4, typename S>
+void rows_amx(const Problem& p, const AmxRows& x, const __m512i* tiles, int64_t block, int64_t m0, float* sums) {
   const int64_t groups = p.K / p.G, rows = std::min<int64_t>(MT, p.M - m0);
   const auto* sb = static_cast<const S*>(p.scales) + block * groups * LANES;
   const auto* mb = static_cast<const S*>(p.mins) + block * groups * LANES;
-  const uint16_t* xa = xpad + m0 * p.K;
+  const uint16_t* hi = x.hi.data() + m0 * p.K;
+  const uint16_t* lo = x.lo.empty() ? nullptr : x.lo.data() + m0 * p.K;
   const int64_t stride = p.K * sizeof(uint16_t);
   for (int64_t g = 0; g < groups; g += 2) {
     const bool pair = g + 1 < groups;
@@ -336,12 +377,21 @@ void rows_int4_amx(const Problem& p, const uint16_t* xpad, const __m512i* tiles,
     if (pair) _tile_zero(3);
     for (int64_t k = g * p.G; k < (g + 1) * p.G; k += 32) {
       _tile_loadd(1, tiles + (k / 32) * 16, 64);
-      _tile_loadd(0, xa + k, stride);
+      _tile_loadd(0, hi + k, stride);
       _tile_dpbf16ps(2, 0, 1);
+      if (lo != nullptr) {
+        _tile_loadd(6, lo + k, stride);
+        _tile_dpbf16ps(2, 6, 1);
+      }
       if (pair) {
-        _tile_loadd(4, tiles + ((k + p.G) / 32) * 16, 64);
-        _tile_loadd(5, xa + k + p.G, stride);
+        const int64_t k2 = k + p.G;
+        _tile_loadd(4, tiles + (k2 / 32) * 16, 64);
+        _tile_loadd(5, hi + k2, stride);
         _tile_dpbf16ps(3, 5, 4);
+        if (lo != nullptr) {
+          _tile_loadd(7, lo + k2, stride);
+          _tile_dpbf16ps(3, 7, 4);
+        }
       }
     }
     _tile_stored(2, sums + g * MT * LANES, LANES * sizeof(float));
@@ -351,52 +401,58 @@ void rows_int4_amx(const Problem& p, const uint16_t* xpad, const __m512i* tiles,
   for (int t = 0; t < MT; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     const __m512 s = load16(sb + g * LANES);
-    const __m512 mn = _mm512_fnmadd_ps(s, _mm512_set1_ps(128.f), load16(mb + g * LANES));  // see above
     const float* sg = sums + g * MT * LANES;
-    for (int t = 0; t < MT; ++t) {
-      if (t >= rows) break;
-      acc[t] = _mm512_fmadd_ps(_mm512_loadu_ps(sg + t * LANES), s, acc[t]);
-      acc[t] = _mm512_fmadd_ps(mn, _mm512_set1_ps(p.xsum[(m0 + t) * groups + g]), acc[t]);
+    if constexpr (INT4) {
+      const __m512 mn = _mm512_fnmadd_ps(s, _mm512_set1_ps(128.f), load16(mb + g * LANES));  // see above
+      for (int t = 0; t < MT && t < rows; ++t) {
+        acc[t] = _mm512_fmadd_ps(_mm512_loadu_ps(sg + t * LANES), s, acc[t]);
+        acc[t] = _mm512_fmadd_ps(mn, _mm512_set1_ps(p.xsum[(m0 + t) * groups + g]), acc[t]);
+      }
+    } else {
+      for (int t = 0; t < MT && t < rows; ++t) acc[t] = _mm512_fmadd_ps(_mm512_loadu_ps(sg + t * LANES), s, acc[t]);
     }
   }
   for (int t = 0; t < rows; ++t) store16(p, m0 + t, block, acc[t]);
 }
 
-template <int MT, typename S>
-void run_int4_amx_tiles(const Problem& p) {
-  const int64_t padded = (p.M + MT - 1) / MT * MT;
-  std::vector<uint16_t> xpad(padded * p.K, 0);  // A tiles read whole tiles: zero rows past M
-  std::memcpy(xpad.data(), p.xbf16, p.M * p.K * sizeof(uint16_t));
+template <int MT, bool INT4, typename S>
+void run_amx_tiles(const Problem& p, const torch::Tensor& x) {
+  const AmxRows rows = amx_rows(x, p.M, p.K, (p.M + MT - 1) / MT * MT);
   at::parallel_for(0, p.N / LANES, 1, [&](int64_t begin, int64_t end) {
     TileConfig config;  // per thread: tile configuration is thread state
-    for (const int tile : {0, 2, 3, 5}) config.rows[tile] = MT;  // A and C tiles: one row per x row
+    for (const int tile : {0, 2, 3, 5, 6, 7}) config.rows[tile] = MT;  // A and C tiles: one row per x row
     config.rows[1] = config.rows[4] = 16;  // B tiles: 16 feature pairs
-    for (const int tile : {0, 1, 2, 3, 4, 5}) config.colsb[tile] = 64;
+    for (int tile = 0; tile < 8; ++tile) config.colsb[tile] = 64;
     _tile_loadconfig(&config);
     std::vector<float> sums(p.K / p.G * MT * LANES);
     std::vector<__m512i> tiles(p.K / 32 * 16);  // one block's B tiles
     for (int64_t block = begin; block < end; ++block) {
-      const auto* qb = static_cast<const uint8_t*>(p.q) + block * p.K * 8;
-      for (int64_t k = 0; k < p.K; k += 32)
-        unpack_b_tile(qb + k * 8, tiles.data() + (k / 32) * 16);
-      for (int64_t m0 = 0; m0 < p.M; m0 += MT)
-        rows_int4_amx<MT, S>(p, xpad.data(), tiles.data(), block, m0, sums.data());
+      for (int64_t k = 0; k < p.K; k += 32) {
+        __m512i* b = tiles.data() + (k / 32) * 16;
+        if constexpr (INT4) {
+          unpack_b_tile(static_cast<const uint8_t*>(p.q) + block * p.K * 8 + k * 8, b);
+        } else {
+          unpack_b_tile_int8(static_cast<const uint8_t*>(p.q) + (block * p.K + k) * LANES, b);
+        }
+      }
+      for (int64_t m0 = 0; m0 < p.M; m0 += MT) rows_amx<MT, INT4, S>(p, rows, tiles.data(), block, m0, sums.data());
     }
     _tile_release();
   });
 }
 
-// Rows per A tile: M rounded up to 4, 8 or 16 (at most 16), so that few padding rows are computed.
-template <typename S>
-void run_int4_amx(const Problem& p) {
-  if (p.M <= 4) return run_int4_amx_tiles<4, S>(p);
-  if (p.M <= 8) return run_int4_amx_tiles<8, S>(p);
-  run_int4_amx_tiles<16, S>(p);
+// x: [M, K] bf16 or fp16, M >= 2. Rows per A tile: M rounded up to 4, 8 or 16 (at most 16), so
+// that few padding rows are computed.
+template <bool INT4, typename S>
+void run_amx(const Problem& p, const torch::Tensor& x) {
+  if (p.M <= 4) return run_amx_tiles<4, INT4, S>(p, x);
+  if (p.M <= 8) return run_amx_tiles<8, INT4, S>(p, x);
+  run_amx_tiles<16, INT4, S>(p, x);
 }
 #else
 bool amx_ready() { return false; }
-template <typename S>
-void run_int4_amx(const Problem&) {}
+template <bool INT4, typename S>
+void run_amx(const Problem&, const torch::Tensor&) {}
 #endif
 
 template <bool INT4, typename S>
@@ -461,12 +517,13 @@ static torch::Tensor gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "x: expected [..., ", K, "], got ", x.sizes());
   TORCH_CHECK(x.is_floating_point(), "x: expected a floating dtype, got ", x.scalar_type());
   const int64_t M = x.numel() / K, N = q.size(0) * LANES, groups = K / group_size;
-  // Per-group sums of x for the int4 min term, and (except for the AMX path, which reads bf16 x
-  // directly) x in fp32, once per call. Done here rather than with torch ops: at one token per
+  // Per-group sums of x for the int4 min term, and (except for the AMX path, which takes bf16 or
+  // fp16 x as bf16 halves) x in fp32, once per call. Done here rather than with torch ops: at one token per
   // step the kernel runs in tens of microseconds, and each extra op dispatch costs a few.
   const auto xc = x.contiguous();
   const bool bf16_dot = int4 && HAS_BF16_DOT && !portable && x.scalar_type() == torch::kBFloat16;
-  const bool amx = bf16_dot && M >= 2 && amx_ready();
+  const bool half_x = x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kHalf;
+  const bool amx = !portable && half_x && M >= 2 && amx_ready();
   std::vector<float> xf(amx ? 0 : M * K), xsum(int4 ? M * groups : 0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "cpu_gemm_x", [&] {
     const scalar_t* src = xc.data_ptr<scalar_t>();
@@ -486,8 +543,10 @@ static torch::Tensor gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales
   Problem p{xf.data(), xsum.data(), bf16_dot ? xc.data_ptr() : nullptr, q.data_ptr(), scales.data_ptr(),
             int4 ? mins->data_ptr() : nullptr, M, N, K, group_size, y.data_ptr(), out_dtype};
   const bool half = scales.scalar_type() == torch::kHalf;
-  if (amx) {
-    half ? run_int4_amx<c10::Half>(p) : run_int4_amx<float>(p);
+  if (amx && int4) {
+    half ? run_amx<true, c10::Half>(p, xc) : run_amx<true, float>(p, xc);
+  } else if (amx) {
+    half ? run_amx<false, c10::Half>(p, xc) : run_amx<false, float>(p, xc);
   } else if (int4) {
     half ? run<true, c10::Half>(p, portable) : run<true, float>(p, portable);
   } else {

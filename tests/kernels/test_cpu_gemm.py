@@ -238,23 +238,32 @@ def test_many_rows_take_the_dense_path(bits, dtype, weight_chunks, monkeypatch):
 
 
 @pytest.mark.skipif(ops is None or not ops.has_amx(), reason="the CPU or kernel does not allow AMX")
-def test_many_bf16_rows_of_int4_stay_on_the_amx_kernel(monkeypatch):
-    """With AMX, int4 weights meet bf16 rows in the kernel at any row count (a prompt chunk too):
-    the dense path is not called, and the result is the fp32 reference's up to summation order."""
-    gen = torch.Generator().manual_seed(4)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_many_rows_stay_on_the_amx_kernel(bits, dtype, monkeypatch):
+    """With AMX, bf16/fp16 rows stay in the kernel at any row count (a prompt chunk too): the dense
+    path is not called, and the result is the fp32 reference's up to summation order (fp16 rows
+    enter as two exact bf16 halves)."""
+    gen = torch.Generator().manual_seed(bits)
     n, k, g = 96, 256, 64
-    qweight, scales, mins = _int4_weight(n, k, g, gen, True)
-    packed = cpu_gemm.pack_int4(qweight, scales, mins)
+    if bits == 4:
+        qweight, scales, mins = _int4_weight(n, k, g, gen, True)
+        packed, reference = cpu_gemm.pack_int4(qweight, scales, mins), w4a16_matmul_ref
+        args = (qweight, scales, mins, g)
+    else:
+        qweight, scales = _int8_weight(n, k, g, gen, True)
+        packed, reference = cpu_gemm.pack_int8(qweight, scales), w8a16_matmul_ref
+        args = (qweight, scales)
 
     def no_dense(*args):
         raise AssertionError("the dense path ran")
 
     monkeypatch.setattr(cpu_gemm, "_dense_gemm", no_dense)
     for rows in (cpu_gemm.DENSE_ROWS, 77, 300):  # 16-row tiles, the last padded
-        x = torch.randn(rows, k, generator=gen).bfloat16()
+        x = torch.randn(rows, k, generator=gen).to(dtype)
         y = cpu_gemm.gemm(x, packed, g, out_dtype=torch.float32)
-        assert_close_rel(y, w4a16_matmul_ref(x.float(), qweight, scales, mins, g), FP32_REL)
-        assert torch.equal(cpu_gemm.gemm(x, packed, g), y.bfloat16())  # bf16 out, rounded as torch does
+        assert_close_rel(y, reference(x.float(), *args), FP32_REL)
+        assert torch.equal(cpu_gemm.gemm(x, packed, g), y.to(dtype))  # x's dtype out, rounded as torch does
 
 
 def test_dequantize_matches_the_canonical_weight():
@@ -298,8 +307,8 @@ def test_lowbit_amx_0_keeps_amx_off():
 
 
 def test_amx_runs_the_bf16_rows_where_the_cpu_has_it():
-    """On a CPU with AMX (and Linux 5.16+, which grants the tiles), bf16 activations of 2+ rows in
-    test_int4_gemm_matches_reference run on AMX tiles, so those cases test that path."""
+    """On a CPU with AMX (and Linux 5.16+, which grants the tiles), bf16 and fp16 activations of 2+
+    rows in test_int4/int8_gemm_matches_reference run on AMX tiles, so those cases test that path."""
     with open("/proc/cpuinfo") as f:
         flags = next((line.split() for line in f if line.startswith("flags")), [])
     assert ops.has_amx() == ({"amx_tile", "amx_bf16", "avx512_bf16"} <= set(flags))
