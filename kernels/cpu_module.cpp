@@ -12,7 +12,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_gemm", &ops::int8_gemm, "x @ W.T for group-quantized symmetric int8 W in cpu_gemm's block layout");
   m.def("dequantize", &ops::dequantize, "the dense [N, K] weight of a cpu_gemm-packed one");
   m.def("has_avx512", &ops::has_avx512, "whether the AVX-512 GEMM path was compiled in");
-  m.def("has_amx", &ops::has_amx, "whether int4 GEMMs of 2+ bf16 rows run on AMX tiles");
+  m.def("has_amx", &ops::has_amx, "whether GEMMs of 2+ bf16 or fp16 rows run on AMX tiles");
   m.def("silu_mul", &ops::silu_mul, "silu(gate) * up over a fused [T, 2I] gate/up output");
   m.def("argmax_rows", &ops::argmax_rows, "first maximum of each row of fp32 logits");
   pybind11::class_<ops::DecodeLayer>(m, "DecodeLayer")
