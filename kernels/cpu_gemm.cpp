@@ -359,6 +359,20 @@ AmxRows amx_rows(const torch::Tensor& x, int64_t M, int64_t K, int64_t padded) {
   return rows;
 }
 
+// Tile C += A (x's rows at feature k) x B (the weights' tile at k), and the low halves' tile L
+// for fp16 rows. A macro, not a template: GCC's tile intrinsics paste the register numbers into
+// the instruction text, so they must be literal.
+#define LOWBIT_TILE_STEP(C, A, B, L, k)          \
+  do {                                           \
+    _tile_loadd(B, tiles + ((k) / 32) * 16, 64); \
+    _tile_loadd(A, hi + (k), stride);            \
+    _tile_dpbf16ps(C, A, B);                     \
+    if (lo != nullptr) {                         \
+      _tile_loadd(L, lo + (k), stride);          \
+      _tile_dpbf16ps(C, L, B);                   \
+    }                                            \
+  } while (0)
+
 // Rows [m0, m0 + MT) of x over one 16-row weight block, whose B tiles (`tiles`, [K/32][16 x 64
 // bytes]) are unpacked once for all row tiles. Groups go in pairs on two sets of tiles (A 0/5,
 // with fp16 rows also A 6/7 for the low halves; B 1/4; C 2/3), so one's loads and multiply overlap
@@ -376,23 +390,8 @@ void rows_amx(const Problem& p, const AmxRows& x, const __m512i* tiles, int64_t 
     _tile_zero(2);
     if (pair) _tile_zero(3);
     for (int64_t k = g * p.G; k < (g + 1) * p.G; k += 32) {
-      _tile_loadd(1, tiles + (k / 32) * 16, 64);
-      _tile_loadd(0, hi + k, stride);
-      _tile_dpbf16ps(2, 0, 1);
-      if (lo != nullptr) {
-        _tile_loadd(6, lo + k, stride);
-        _tile_dpbf16ps(2, 6, 1);
-      }
-      if (pair) {
-        const int64_t k2 = k + p.G;
-        _tile_loadd(4, tiles + (k2 / 32) * 16, 64);
-        _tile_loadd(5, hi + k2, stride);
-        _tile_dpbf16ps(3, 5, 4);
-        if (lo != nullptr) {
-          _tile_loadd(7, lo + k2, stride);
-          _tile_dpbf16ps(3, 7, 4);
-        }
-      }
+      LOWBIT_TILE_STEP(2, 0, 1, 6, k);
+      if (pair) LOWBIT_TILE_STEP(3, 5, 4, 7, k + p.G);
     }
     _tile_stored(2, sums + g * MT * LANES, LANES * sizeof(float));
     if (pair) _tile_stored(3, sums + (g + 1) * MT * LANES, LANES * sizeof(float));

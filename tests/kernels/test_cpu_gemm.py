@@ -206,20 +206,23 @@ def test_tied_embedding_reads_the_packed_vocabulary_projection():
 DENSE_REL = {torch.float32: FP32_REL, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
+def _packed_weight(bits: int, n: int, k: int, g: int, gen: torch.Generator):
+    """A packed int4 or int8 weight with fp16 scales, and its fp32 reference x -> x @ W.T."""
+    if bits == 4:
+        qweight, scales, mins = _int4_weight(n, k, g, gen, True)
+        packed = cpu_gemm.pack_int4(qweight, scales, mins)
+        return packed, lambda x: w4a16_matmul_ref(x, qweight, scales, mins, g)
+    qweight, scales = _int8_weight(n, k, g, gen, True)
+    return cpu_gemm.pack_int8(qweight, scales), lambda x: w8a16_matmul_ref(x, qweight, scales)
+
+
 @pytest.mark.parametrize("weight_chunks", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", [4, 8])
 def test_many_rows_take_the_dense_path(bits, dtype, weight_chunks, monkeypatch):
     gen = torch.Generator().manual_seed(bits)
     n, k, g = 96, 128, 32
-    if bits == 4:
-        qweight, scales, mins = _int4_weight(n, k, g, gen, True)
-        packed, reference = cpu_gemm.pack_int4(qweight, scales, mins), w4a16_matmul_ref
-        args = (qweight, scales, mins, g)
-    else:
-        qweight, scales = _int8_weight(n, k, g, gen, True)
-        packed, reference = cpu_gemm.pack_int8(qweight, scales), w8a16_matmul_ref
-        args = (qweight, scales)
+    packed, reference = _packed_weight(bits, n, k, g, gen)
     width = 2 * k if dtype == torch.bfloat16 else k  # bf16 runs against a split [n, 2K] weight
     chunk_rows = n // weight_chunks  # whole, or 3 chunks of 32 rows
     monkeypatch.setattr(cpu_gemm, "DENSE_CHUNK_BYTES", chunk_rows * width * dtype.itemsize)
@@ -229,7 +232,7 @@ def test_many_rows_take_the_dense_path(bits, dtype, weight_chunks, monkeypatch):
     large = cpu_gemm.DENSE_LARGE_CHUNK
     for shape in ((cpu_gemm.DENSE_ROWS, k), (70, k), (2 * large + 5, k), (large, k), (2, 35, k)):
         x = torch.randn(shape, generator=gen).to(dtype)
-        expected = reference(x.reshape(-1, k).float(), *args).reshape(*shape[:-1], n)
+        expected = reference(x.reshape(-1, k).float()).reshape(*shape[:-1], n)
         y = cpu_gemm.gemm(x, packed, g)
         assert y.dtype == dtype and y.shape == (*shape[:-1], n)
         assert_close_rel(y, expected, DENSE_REL[dtype])
@@ -246,14 +249,7 @@ def test_many_rows_stay_on_the_amx_kernel(bits, dtype, monkeypatch):
     enter as two exact bf16 halves)."""
     gen = torch.Generator().manual_seed(bits)
     n, k, g = 96, 256, 64
-    if bits == 4:
-        qweight, scales, mins = _int4_weight(n, k, g, gen, True)
-        packed, reference = cpu_gemm.pack_int4(qweight, scales, mins), w4a16_matmul_ref
-        args = (qweight, scales, mins, g)
-    else:
-        qweight, scales = _int8_weight(n, k, g, gen, True)
-        packed, reference = cpu_gemm.pack_int8(qweight, scales), w8a16_matmul_ref
-        args = (qweight, scales)
+    packed, reference = _packed_weight(bits, n, k, g, gen)
 
     def no_dense(*args):
         raise AssertionError("the dense path ran")
@@ -262,7 +258,7 @@ def test_many_rows_stay_on_the_amx_kernel(bits, dtype, monkeypatch):
     for rows in (cpu_gemm.DENSE_ROWS, 77, 300):  # 16-row tiles, the last padded
         x = torch.randn(rows, k, generator=gen).to(dtype)
         y = cpu_gemm.gemm(x, packed, g, out_dtype=torch.float32)
-        assert_close_rel(y, reference(x.float(), *args), FP32_REL)
+        assert_close_rel(y, reference(x.float()), FP32_REL)
         assert torch.equal(cpu_gemm.gemm(x, packed, g), y.to(dtype))  # x's dtype out, rounded as torch does
 
 
