@@ -113,19 +113,7 @@ inline std::pair<float, float> softmax_numerators(float* s, int64_t n) {
 constexpr int64_t kSegment = 128;
 
 #if defined(__AVX512F__)
-// 16 cache elements as fp32 lanes.
-inline __m512 widen16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 widen16(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-inline __m512 widen16(const c10::BFloat16* p) {  // bf16 is the top half of an fp32
-  const __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
-}
-inline __m512 widen16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-// fp64 caches (dispatched, never used by the engine) take the scalar loops.
+// Cache rows are read with widen16 (cpu_ops.h); fp64 caches (dispatched, never used by the engine) take the scalar loops.
 template <typename cache_t>
 constexpr bool kWidens = !std::is_same_v<cache_t, double>;
 
@@ -286,7 +274,7 @@ void segment_values(const Segment<cache_t>& s, const float* p, float* out) {
 }
 
 // One segment's partial softmax: per query head its max score, sum of exp(score - max) and the
-// unnormalized weighted sum of values, which combine_segments merges across segments.
+// unnormalized weighted sum of values, which decode_attention_impl merges across segments.
 template <typename cache_t>
 void attend_segment(const Segment<cache_t>& s, float* top, float* norm, float* acc) {
   alignas(64) float scores[kSegment * 8];

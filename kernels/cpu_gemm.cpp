@@ -122,11 +122,6 @@ void tile_portable(const Problem& p, int64_t block, int64_t m0) {
 
 // ---------------------------------------------------------------- AVX-512 path
 #if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
 // store() for one vector: bf16 rounds as c10::BFloat16 does (to nearest even on the bits, NaN to
 // 0x7FC0), which vcvtneps2bf16 would not for denormals; at hundreds of rows a scalar loop of
 // conversions took as long as the GEMM.
@@ -197,10 +192,23 @@ void tile_int8_avx512(const Problem& p, int64_t block, int64_t m0) {
           part[t][u] = _mm512_fmadd_ps(w, _mm512_set1_ps(xt[t * p.K + k + u]), part[t][u]);
       }
     }
-    const __m512 s = load16(sb + g * LANES);
+    const __m512 s = widen16(sb + g * LANES);
     for (int t = 0; t < T; ++t) acc[t] = _mm512_fmadd_ps(total(part, t), s, acc[t]);
   }
   store_tile<T>(p, block, m0, acc);
+}
+
+// One 64-byte int4 chunk (16 rows x 8 features) -> 4 vectors, pairs[j] holding features
+// (2j, 2j + 1) of row r in lane r as two 16-bit words: each nibble beside the byte `pad`.
+inline void int4_pairs(const uint8_t* chunk, __m512i pad, __m512i* pairs) {
+  const __m512i nibble = _mm512_set1_epi8(15);
+  const __m512i v = _mm512_loadu_si512(chunk);
+  const __m512i lo = _mm512_and_si512(v, nibble);
+  const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+  pairs[0] = _mm512_unpacklo_epi8(lo, pad);
+  pairs[1] = _mm512_unpackhi_epi8(lo, pad);
+  pairs[2] = _mm512_unpacklo_epi8(hi, pad);
+  pairs[3] = _mm512_unpackhi_epi8(hi, pad);
 }
 
 // int4, per 64-byte chunk (16 rows x 8 features): mask out the low and high nibbles, then
@@ -215,7 +223,6 @@ void tile_int4_avx512(const Problem& p, int64_t block, int64_t m0) {
   const auto* qb = static_cast<const uint8_t*>(p.q) + block * p.K * 8;
   const auto* sb = static_cast<const S*>(p.scales) + block * groups * LANES;
   const auto* mb = static_cast<const S*>(p.mins) + block * groups * LANES;
-  const __m512i nibble = _mm512_set1_epi8(15);
   const __m512i pad = _mm512_set1_epi8(BF16 ? 0x43 : 0);
   const __m512i low_word = _mm512_set1_epi32(0xFFFF);
   __m512 acc[T];
@@ -225,11 +232,8 @@ void tile_int4_avx512(const Problem& p, int64_t block, int64_t m0) {
     zero(part);
     for (int64_t k = g * p.G; k < (g + 1) * p.G; k += 8) {
       prefetch(qb + k * 8);
-      const __m512i v = _mm512_loadu_si512(qb + k * 8);
-      const __m512i lo = _mm512_and_si512(v, nibble);
-      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-      const __m512i pairs[4] = {_mm512_unpacklo_epi8(lo, pad), _mm512_unpackhi_epi8(lo, pad),
-                                _mm512_unpacklo_epi8(hi, pad), _mm512_unpackhi_epi8(hi, pad)};
+      __m512i pairs[4];
+      int4_pairs(qb + k * 8, pad, pairs);
       for (int j = 0; j < 4; ++j) {  // features k + 2j, k + 2j + 1
         for (int t = 0; t < T; ++t) {
           __m512& sum = part[t][j % U];
@@ -248,10 +252,10 @@ void tile_int4_avx512(const Problem& p, int64_t block, int64_t m0) {
         }
       }
     }
-    const __m512 s = load16(sb + g * LANES);
+    const __m512 s = widen16(sb + g * LANES);
     // With bf16 weights q + 128: min - 128 scale multiplies sum(x) instead of min.
-    const __m512 mn = BF16 ? _mm512_fnmadd_ps(s, _mm512_set1_ps(128.f), load16(mb + g * LANES))
-                           : load16(mb + g * LANES);
+    const __m512 mn = BF16 ? _mm512_fnmadd_ps(s, _mm512_set1_ps(128.f), widen16(mb + g * LANES))
+                           : widen16(mb + g * LANES);
     for (int t = 0; t < T; ++t) {
       acc[t] = _mm512_fmadd_ps(total(part, t), s, acc[t]);
       acc[t] = _mm512_fmadd_ps(mn, _mm512_set1_ps(p.xsum[(m0 + t) * groups + g]), acc[t]);
@@ -306,16 +310,10 @@ struct alignas(64) TileConfig {
 // The B tile of features [k, k + 32) of a weight block: 4 chunks of 8 features unpacked to
 // 128 + q bf16 words, one feature pair (64 bytes) per tile row.
 inline void unpack_b_tile(const uint8_t* chunks, __m512i* b) {
-  const __m512i nibble = _mm512_set1_epi8(15), pad = _mm512_set1_epi8(0x43);
+  const __m512i pad = _mm512_set1_epi8(0x43);
   for (int chunk = 0; chunk < 4; ++chunk) {
     prefetch(chunks + 64 * chunk);
-    const __m512i v = _mm512_loadu_si512(chunks + 64 * chunk);
-    const __m512i lo = _mm512_and_si512(v, nibble);
-    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-    b[4 * chunk] = _mm512_unpacklo_epi8(lo, pad);
-    b[4 * chunk + 1] = _mm512_unpackhi_epi8(lo, pad);
-    b[4 * chunk + 2] = _mm512_unpacklo_epi8(hi, pad);
-    b[4 * chunk + 3] = _mm512_unpackhi_epi8(hi, pad);
+    int4_pairs(chunks + 64 * chunk, pad, b + 4 * chunk);
   }
 }
 
@@ -399,10 +397,10 @@ void rows_amx(const Problem& p, const AmxRows& x, const __m512i* tiles, int64_t 
   __m512 acc[MT];
   for (int t = 0; t < MT; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    const __m512 s = load16(sb + g * LANES);
+    const __m512 s = widen16(sb + g * LANES);
     const float* sg = sums + g * MT * LANES;
     if constexpr (INT4) {
-      const __m512 mn = _mm512_fnmadd_ps(s, _mm512_set1_ps(128.f), load16(mb + g * LANES));  // see above
+      const __m512 mn = _mm512_fnmadd_ps(s, _mm512_set1_ps(128.f), widen16(mb + g * LANES));  // see above
       for (int t = 0; t < MT && t < rows; ++t) {
         acc[t] = _mm512_fmadd_ps(_mm512_loadu_ps(sg + t * LANES), s, acc[t]);
         acc[t] = _mm512_fmadd_ps(mn, _mm512_set1_ps(p.xsum[(m0 + t) * groups + g]), acc[t]);

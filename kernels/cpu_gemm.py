@@ -87,7 +87,7 @@ def gemm(
     mins) or pack_int8. portable: the portable loops instead of AVX-512, and never the dense
     path (tests run every path)."""
     out_dtype = out_dtype or x.dtype
-    if not portable and x.numel() >= DENSE_ROWS * x.shape[-1] and not _on_amx(x, packed):
+    if not portable and x.numel() >= DENSE_ROWS * x.shape[-1] and not _on_amx(x):
         return _dense_gemm(x, packed, group_size).to(out_dtype)
     ops, q, scales = load(), packed["q"], packed["scales"]
     if "mins" in packed:
@@ -95,7 +95,7 @@ def gemm(
     return ops.int8_gemm(x, q, scales, group_size, out_dtype, portable)
 
 
-def _on_amx(x: torch.Tensor, packed: dict[str, torch.Tensor]) -> bool:
+def _on_amx(x: torch.Tensor) -> bool:
     """Whether the kernel runs these rows on AMX tiles (bf16 or fp16 rows, a CPU and kernel that
     allow AMX). It does at any row count: at 512 rows of the default model's int4 projections it
     took 1.4-3.4 ms against the dense path's 1.9-6.6, and 3-9x less at 32-128 rows, without the

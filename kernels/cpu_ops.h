@@ -5,7 +5,26 @@
 
 #include <torch/extension.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace lowbit_cpu {
+
+#if defined(__AVX512F__)
+// 16 consecutive values as fp32 lanes: cache rows (cpu_attention.cpp), scales and mins (cpu_gemm.cpp).
+inline __m512 widen16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 widen16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m512 widen16(const c10::BFloat16* p) {  // bf16 is the top half of an fp32
+  const __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+}
+inline __m512 widen16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#endif
 
 // cpu_ops.cpp: the decode step's small ops.
 torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps,

@@ -226,7 +226,7 @@ def test_many_rows_take_the_dense_path(bits, dtype, weight_chunks, monkeypatch):
     width = 2 * k if dtype == torch.bfloat16 else k  # bf16 runs against a split [n, 2K] weight
     chunk_rows = n // weight_chunks  # whole, or 3 chunks of 32 rows
     monkeypatch.setattr(cpu_gemm, "DENSE_CHUNK_BYTES", chunk_rows * width * dtype.itemsize)
-    monkeypatch.setattr(cpu_gemm, "_on_amx", lambda x, packed: False)  # what CPUs without AMX run
+    monkeypatch.setattr(cpu_gemm, "_on_amx", lambda x: False)  # what CPUs without AMX run
     # Row counts: one padded small chunk (32), two small ones (70), large ones then a padded small
     # one (2 x 256 + 5), large ones only (256); a 3-D input.
     large = cpu_gemm.DENSE_LARGE_CHUNK
