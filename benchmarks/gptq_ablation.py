@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from lowbit.default_model import default_model_path
-from lowbit.loaders import load_checkpoint
+from lowbit.loaders.registry import load_checkpoint
 from lowbit.runtime.config import EngineConfig
 from lowbit.runtime.engine import Engine
 from lowbit.runtime.evaluate import perplexity

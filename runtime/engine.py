@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.default_model import default_model_path
-from lowbit.loaders import load_checkpoint
+from lowbit.loaders.registry import load_checkpoint
 from lowbit.loaders.base import Checkpoint
 from lowbit.loaders.tokenizer import Tokenizer
 from lowbit.runtime.block_manager import BlockManager

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from lowbit.loaders import load_checkpoint
+from lowbit.loaders.registry import load_checkpoint
 from lowbit.loaders.base import Checkpoint
 from lowbit.loaders.hf_config import to_hf_config
 from lowbit.runtime.config import ModelConfig

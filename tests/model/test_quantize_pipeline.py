@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from lowbit import LLM
-from lowbit.loaders import load_checkpoint
+from lowbit.loaders.registry import load_checkpoint
 from lowbit.loaders.base import Checkpoint
 from lowbit.loaders.gguf_file import read_gguf
 from lowbit.loaders.tokenizer import tokenizer_from_gguf

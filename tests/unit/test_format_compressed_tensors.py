@@ -17,7 +17,7 @@ from lowbit import LLM
 from lowbit.kernels import cpu_ops
 from lowbit.kernels.w4a16_matmul import pack_int4
 from lowbit.kernels.w8a8_matmul import w8a8_matmul_ref
-from lowbit.loaders import load_checkpoint
+from lowbit.loaders.registry import load_checkpoint
 from lowbit.loaders.compressed_tensors import (
     CompressedTensorsWriter,
     CtConfig,

@@ -17,7 +17,7 @@ from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType as V
 
-from lowbit.loaders import detect, load_checkpoint
+from lowbit.loaders.registry import detect, load_checkpoint
 from lowbit.loaders.gguf import load_gguf
 from lowbit.loaders.gguf_file import read_gguf
 from lowbit.runtime.config import RopeScaling

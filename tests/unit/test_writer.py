@@ -14,7 +14,7 @@ from tokenizers import models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from lowbit import LLM
-from lowbit.loaders import load_checkpoint
+from lowbit.loaders.registry import load_checkpoint
 from lowbit.loaders.base import Checkpoint
 from lowbit.loaders.tokenizer import Tokenizer
 from lowbit.loaders.writer import write_checkpoint

@@ -1,1 +1,0 @@
-"""The engine: config, scheduling, KV cache, model execution, sampling."""

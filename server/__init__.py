@@ -1,1 +1,0 @@
-"""The serving layer: the asyncio engine loop (and, next, the OpenAI-compatible HTTP app)."""
