@@ -86,6 +86,25 @@ def load() -> ModuleType | None:
     return module
 
 
+def build_needed() -> bool:
+    """Whether `load()` would compile the extension (about 100 s) rather than import a previous
+    build, so that a caller can say what the wait is for. False where the ops are disabled or
+    already loaded. A noted library that exists counts as built (if importing it fails after all,
+    `load()` still builds)."""
+    if os.environ.get("LOWBIT_CPU_OPS", "1") == "0" or load.cache_info().currsize:
+        return False
+    try:
+        name = _build_name()
+    except OSError:  # a source is missing: load() builds nothing
+        return False
+    if (note := _index(name)) is None:
+        return True
+    try:
+        return not Path(note.read_text()).is_file()
+    except OSError:  # no note: never built here (or noted where we cannot read)
+        return True
+
+
 def _index(name: str) -> Path | None:
     """Where the path of build `name`'s shared library is noted once it is built (None without a
     cache directory: no XDG_CACHE_HOME and no home directory)."""

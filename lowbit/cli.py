@@ -17,6 +17,10 @@ app = typer.Typer(
 ModelArg = Annotated[
     str | None, typer.Argument(help="GGUF file or HF model directory; default: SmolLM2-135M-Instruct Q4_1")
 ]
+# The values runtime/config.py's KV_CACHE_DTYPES and runtime/quant/rtn.py's RTN_SCHEMES accept (not
+# imported from there: that imports torch, and `lowbit --help` must stay instant; tests/cli compares).
+KV_CACHE_DTYPE_HELP = "auto (follows --dtype), float32, float16, bfloat16 or int8 (scale per token and head)."
+QUANTIZATION_HELP = "Round-to-nearest on load for dense HF dirs: w4a16, w8a16 or w8a8."
 
 
 @app.callback()
@@ -39,33 +43,53 @@ def chat(
     max_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 1024,
     seed: Annotated[int | None, typer.Option()] = None,
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CPU), float32, float16, bfloat16.")] = "auto",
-    kv_cache_dtype: Annotated[str, typer.Option(help="auto or int8.")] = "auto",
-    quantization: Annotated[str | None, typer.Option(help="w4a16 or w8a16 on load (HF dirs).")] = None,
+    kv_cache_dtype: Annotated[str, typer.Option(help=KV_CACHE_DTYPE_HELP)] = "auto",
+    quantization: Annotated[str | None, typer.Option(help=QUANTIZATION_HELP)] = None,
 ) -> None:
     """Chat with a model in the terminal, streaming its answers."""
     from rich.console import Console
 
     from lowbit.chat import run_chat
+    from lowbit.progress import build_cpu_kernels, step
+    from lowbit.runtime.config import EngineConfig
     from lowbit.runtime.llm import LLM
     from lowbit.runtime.sampling_params import SamplingParams
 
     console = Console(highlight=False)
+    options = {"dtype": dtype, "kv_cache_dtype": kv_cache_dtype, "quantization": quantization}
     try:
         params = SamplingParams(
             temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
             max_tokens=max_tokens, seed=seed,
         )  # fmt: skip
-        with console.status("loading model..."):
-            llm = LLM(model, dtype=dtype, kv_cache_dtype=kv_cache_dtype, quantization=quantization)
+        config = EngineConfig(model=model, **options)
+        name = _model_name(model)
+        build_cpu_kernels(config.resolve_device())
+        with step(f"loading {name}", f"loaded {name}") as s:
+            llm = LLM(model, **options)
+            s.done = f"loaded {llm.engine.checkpoint_source}"
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     engine, spec = llm.engine, llm.engine.kv_spec
     console.print(
         f"[bold]{engine.checkpoint_source}[/bold] · {engine.dtype} · KV cache {spec.dtype}, "
-        f"{spec.num_blocks * spec.block_size} tokens · loaded in {engine.load_seconds:.1f} s"
+        f"{spec.num_blocks * spec.block_size} tokens"
     )
     run_chat(llm, params, system, console)
+
+
+def _model_name(model: str | None) -> str:
+    """What the progress line calls the model (its file or directory name); a ValueError, before any
+    slow step, if `model` (or the default model) is missing or not a model."""
+    from pathlib import Path
+
+    from lowbit.default_model import default_model_path
+    from lowbit.loaders.registry import detect
+
+    path = Path(model or default_model_path())
+    detect(path)
+    return path.name
 
 
 @app.command()
@@ -80,14 +104,14 @@ def serve(
         list[str] | None, typer.Option(help="Name(s) clients use for the model; default: the file's stem.")
     ] = None,
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CPU), float32, float16, bfloat16.")] = "auto",
-    kv_cache_dtype: Annotated[str, typer.Option(help="auto or int8.")] = "auto",
+    kv_cache_dtype: Annotated[str, typer.Option(help=KV_CACHE_DTYPE_HELP)] = "auto",
     kv_cache_memory_mib: Annotated[
         int | None, typer.Option(help="KV pool size; default: a share of free memory.")
     ] = None,
     max_num_seqs: Annotated[int, typer.Option(help="Most sequences per step.")] = 32,
     max_num_batched_tokens: Annotated[int, typer.Option(help="Most tokens per step (prefill chunk).")] = 512,
     max_model_len: Annotated[int | None, typer.Option(help="Context length; default: the model's.")] = None,
-    quantization: Annotated[str | None, typer.Option(help="w4a16 or w8a16 on load (HF dirs).")] = None,
+    quantization: Annotated[str | None, typer.Option(help=QUANTIZATION_HELP)] = None,
     graceful_timeout: Annotated[
         int, typer.Option(help="Seconds in-flight requests get to finish on shutdown.")
     ] = 30,
@@ -99,6 +123,7 @@ def serve(
     import uvicorn
 
     from lowbit.default_model import default_model_path
+    from lowbit.progress import build_cpu_kernels, step
     from lowbit.runtime.config import EngineConfig
     from lowbit.server.app import build_app
     from lowbit.server.async_engine import AsyncEngine
@@ -110,7 +135,11 @@ def serve(
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             quantization=quantization, kv_cache_memory=kv_cache_memory,
         )  # fmt: skip
-        async_engine = AsyncEngine.from_config(config, max_pending=max(4 * max_num_seqs, 64))
+        name = _model_name(model)
+        build_cpu_kernels(config.resolve_device())
+        with step(f"loading {name}", f"loaded {name}") as s:
+            async_engine = AsyncEngine.from_config(config, max_pending=max(4 * max_num_seqs, 64))
+            s.done = f"loaded {async_engine.engine.checkpoint_source}"
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

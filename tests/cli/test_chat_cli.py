@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import signal
 import subprocess
@@ -30,6 +32,40 @@ def _spawn(*args: str) -> pexpect.spawn:
 def test_help_lists_the_commands():
     out = subprocess.run([*_lowbit(), "--help"], capture_output=True, text=True, check=True).stdout
     assert "chat" in out
+
+
+@pytest.mark.parametrize("command", ["chat", "serve"])
+def test_help_names_every_value_the_runtime_accepts(command):
+    from lowbit.runtime.config import KV_CACHE_DTYPES
+    from lowbit.runtime.quant.rtn import RTN_SCHEMES
+
+    env = {**os.environ, "COLUMNS": "400"}  # one line per option
+    out = subprocess.run(
+        [*_lowbit(), command, "--help"], capture_output=True, text=True, check=True, env=env
+    ).stdout
+    for option, values in (("--kv-cache-dtype", KV_CACHE_DTYPES), ("--quantization", RTN_SCHEMES)):
+        line = next(line for line in out.splitlines() if f" {option} " in line)
+        help_text = line.split("<str>", 1)[1]
+        missing = [v for v in values if not re.search(rf"\b{v}\b", help_text)]
+        assert not missing, f"{option}'s help leaves out {missing}: {line.strip()}"
+
+
+def test_loading_says_what_it_does_on_stderr_with_the_time_taken(default_gguf):
+    result = subprocess.run(
+        [*_lowbit(), "chat"], input="/exit\n", capture_output=True, text=True, timeout=LOAD_TIMEOUT
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    # stderr is a pipe: no spinner, but what is being loaded and then how long it took.
+    loading = f"loading {default_gguf.name}..."
+    loaded = rf"loaded {re.escape(str(default_gguf))} in (\d+\.\d) s"
+    assert loading in lines, result.stderr
+    found = [(i, float(m[1])) for i, line in enumerate(lines) if (m := re.fullmatch(loaded, line))]
+    assert len(found) == 1, result.stderr
+    ((index, seconds),) = found
+    assert index > lines.index(loading) and 0 < seconds < LOAD_TIMEOUT, result.stderr
+    assert "loaded" not in result.stdout  # stdout is the chat: the model's header line, then the prompt
+    assert "KV cache" in result.stdout
 
 
 def test_chat_answers_and_exits_on_ctrl_d():
