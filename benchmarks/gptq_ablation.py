@@ -16,14 +16,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from lowbit.default_model import default_model_path
+from lowbit.loaders.default_model import default_model_path
 from lowbit.loaders.registry import load_checkpoint
+from lowbit.quantize import calibration, pipeline
+from lowbit.quantize.evaluate import perplexity
+from lowbit.quantize.pipeline import QuantizeOptions, quantize_model
+from lowbit.quantize.text_data import standard_text
 from lowbit.runtime.config import EngineConfig
 from lowbit.runtime.engine import Engine
-from lowbit.runtime.evaluate import perplexity
-from lowbit.runtime.quant import calibration, pipeline
-from lowbit.runtime.quant.pipeline import QuantizeOptions, quantize_model
-from lowbit.text_data import standard_text
 
 WINDOW, WINDOWS = 512, 8
 HELD_OUT_WIKI = 200_000  # characters: calibration text starts well past the scored windows

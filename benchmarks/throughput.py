@@ -14,7 +14,7 @@ import argparse
 import time
 
 from lowbit import LLM, SamplingParams
-from lowbit.text_data import standard_text
+from lowbit.quantize.text_data import standard_text
 
 
 def decode_throughput(llm: LLM, prompts: list[list[int]], tokens: int) -> float:

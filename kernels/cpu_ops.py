@@ -65,8 +65,13 @@ def load() -> ModuleType | None:
     """The compiled ops, or None where they are disabled or cannot be built (logged once); the
     engine then runs eager torch ops, which compute the same thing."""
     if os.environ.get("LOWBIT_CPU_OPS", "1") == "0":
+        logger.warning("compiled CPU ops disabled (LOWBIT_CPU_OPS=0), using eager torch ops")
         return None
-    name = _build_name()
+    try:
+        name = _build_name()
+    except OSError as e:  # an install that left a source out: say so rather than crash the forward
+        logger.warning("compiled CPU ops unavailable, using eager torch ops (%s)", e)
+        return None
     if (module := _load_built(name)) is not None:
         return module
     try:

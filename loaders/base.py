@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
-from lowbit.runtime.config import ModelConfig
+from lowbit.runtime.models.config import ModelConfig
 from lowbit.runtime.quant import WeightLike
 
 from .tokenizer import Tokenizer

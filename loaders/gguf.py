@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from lowbit.runtime.config import ModelConfig, RopeScaling
+from lowbit.runtime.models.config import ModelConfig, RopeScaling
 from lowbit.runtime.quant import WeightLike
 
 from .base import Checkpoint, LazyWeights

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lowbit.runtime.config import ModelConfig, RopeScaling
+from lowbit.runtime.models.config import ModelConfig, RopeScaling
 
 MODEL_TYPES = ("llama", "mistral")
 

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 from safetensors import safe_open
 
-from lowbit.runtime.config import ModelConfig
+from lowbit.runtime.models.config import ModelConfig
 from lowbit.runtime.quant import QuantizedWeight, WeightLike
 from lowbit.runtime.quant.rtn import RTN_SCHEMES, quantize_rtn
 

@@ -38,7 +38,7 @@ def _status_kib(field: str) -> int:
 
 
 def _prompt_ids(tokenizer_encode, count: int) -> list[int]:
-    from lowbit.text_data import standard_text
+    from lowbit.quantize.text_data import standard_text
 
     return tokenizer_encode(standard_text("wiki")[: count * 8])[:count]
 
@@ -79,7 +79,7 @@ def _hf(model: str | None, prompt_tokens: int, tokens: int, threads: int) -> dic
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lowbit.default_model import default_model_path
+    from lowbit.loaders.default_model import default_model_path
 
     torch.set_num_threads(threads)
     path = default_model_path() if model is None else Path(model)
@@ -107,7 +107,7 @@ def _llama_cpp(model: str | None, prompt_tokens: int, tokens: int, threads: int)
     """llama.cpp's own loop: eval the prompt, then greedy sample + eval one token at a time."""
     from llama_cpp import Llama
 
-    from lowbit.default_model import default_model_path
+    from lowbit.loaders.default_model import default_model_path
 
     path = str(default_model_path() if model is None else model)
     start = time.perf_counter()

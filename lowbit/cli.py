@@ -84,7 +84,7 @@ def _model_name(model: str | None) -> str:
     slow step, if `model` (or the default model) is missing or not a model."""
     from pathlib import Path
 
-    from lowbit.default_model import default_model_path
+    from lowbit.loaders.default_model import default_model_path
     from lowbit.loaders.registry import detect
 
     path = Path(model or default_model_path())
@@ -122,7 +122,7 @@ def serve(
 
     import uvicorn
 
-    from lowbit.default_model import default_model_path
+    from lowbit.loaders.default_model import default_model_path
     from lowbit.progress import build_cpu_kernels, step
     from lowbit.runtime.config import EngineConfig
     from lowbit.server.app import build_app
@@ -182,9 +182,9 @@ def quantize(
     """Quantize a model (GGUF or HF dir) and write it in a standard format."""
     from pathlib import Path
 
-    from lowbit.default_model import default_model_path
+    from lowbit.loaders.default_model import default_model_path
     from lowbit.loaders.writer import write_checkpoint
-    from lowbit.runtime.quant.pipeline import QuantizeOptions, quantize_model
+    from lowbit.quantize.pipeline import QuantizeOptions, quantize_model
 
     fmt = format or ("compressed-tensors" if activations == 8 or bits == 8 else "gptq")
     try:
@@ -223,10 +223,10 @@ def eval_(
     from rich.console import Console
     from rich.table import Table
 
-    from lowbit.default_model import default_model_path
-    from lowbit.eval_report import fitting_group_size, run, schemes
     from lowbit.loaders import load_checkpoint
-    from lowbit.text_data import standard_text
+    from lowbit.loaders.default_model import default_model_path
+    from lowbit.quantize.eval_report import fitting_group_size, run, schemes
+    from lowbit.quantize.text_data import standard_text
 
     try:
         source = load_checkpoint(model or default_model_path())

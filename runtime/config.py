@@ -1,8 +1,10 @@
-"""Configuration dataclasses: what the model is (`ModelConfig`) and how we run it (`EngineConfig`)."""
+"""How we run a model (`EngineConfig`) and the dtype names it accepts.
+
+What the model is (`ModelConfig`, `RopeScaling`) lives beside the model in `runtime/models/config.py`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -20,44 +22,6 @@ def parse_dtype(name: str) -> torch.dtype:
         return _DTYPES[name]
     except KeyError:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}") from None
-
-
-@dataclass(frozen=True)
-class RopeScaling:
-    """RoPE frequency scaling. `kind` is "default", "linear" or "llama3" (HF's names)."""
-
-    kind: str = "default"
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Shape of a Llama-family decoder, read from a GGUF header or a config.json."""
-
-    architecture: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
-
-    def __post_init__(self) -> None:
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
-            )
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
 
 
 @dataclass(frozen=True)

@@ -12,17 +12,18 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.default_model import default_model_path
-from lowbit.loaders.registry import load_checkpoint
 from lowbit.loaders.base import Checkpoint
+from lowbit.loaders.default_model import default_model_path
+from lowbit.loaders.registry import load_checkpoint
 from lowbit.loaders.tokenizer import Tokenizer
 from lowbit.runtime.block_manager import BlockManager
-from lowbit.runtime.config import EngineConfig, ModelConfig
+from lowbit.runtime.config import EngineConfig
 from lowbit.runtime.detokenizer import Detokenizer
 from lowbit.runtime.host_memory import after_step, loading_weights
 from lowbit.runtime.kv_cache import KVCacheSpec, allocate_kv_cache, num_blocks_for
 from lowbit.runtime.model_runner import ModelRunner
-from lowbit.runtime.models import model_class
+from lowbit.runtime.models.config import ModelConfig
+from lowbit.runtime.models.registry import model_class
 from lowbit.runtime.outputs import CompletionOutput, RequestOutput
 from lowbit.runtime.sampler import SamplerOutput
 from lowbit.runtime.sampling_params import SamplingParams

@@ -23,6 +23,6 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 @pytest.fixture(scope="session")
 def default_gguf() -> Path:
-    from lowbit.default_model import default_model_path
+    from lowbit.loaders.default_model import default_model_path
 
     return default_model_path()

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from lowbit.runtime.config import RopeScaling
+from lowbit.runtime.models.config import RopeScaling
 
 
 def inverse_frequencies(

@@ -1,19 +1,3 @@
-"""Model registry: architecture name -> model class."""
-
-from __future__ import annotations
-
-from torch import nn
-
-from .llama import LlamaForCausalLM
-
-MODELS: dict[str, type[nn.Module]] = {
-    "llama": LlamaForCausalLM,
-    "mistral": LlamaForCausalLM,
-}
-
-
-def model_class(architecture: str) -> type[nn.Module]:
-    try:
-        return MODELS[architecture]
-    except KeyError:
-        raise ValueError(f"unsupported architecture {architecture!r} (supported: {sorted(MODELS)})") from None
+"""Model code. Kept empty on purpose: the loaders import `lowbit.runtime.models.config` (the model's
+shape), and importing a submodule runs this file first, so anything imported here would reach the
+loaders. The architecture registry is `registry.py`."""

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.runtime.config import ModelConfig
 from lowbit.runtime.kv_cache import LayerKVCache
 from lowbit.runtime.layers.attention import Attention, AttentionMetadata
 from lowbit.runtime.layers.decode_layer import compile_layers, run_decode_layers
@@ -22,6 +21,7 @@ from lowbit.runtime.layers.embedding import Embedding
 from lowbit.runtime.layers.linear import FusedLinear, Linear
 from lowbit.runtime.layers.norm import RMSNorm
 from lowbit.runtime.layers.rotary import RotaryEmbedding, inverse_frequencies
+from lowbit.runtime.models.config import ModelConfig
 from lowbit.runtime.quant import WeightLike
 
 

@@ -23,17 +23,17 @@ import torch
 from transformers import LlamaForCausalLM
 
 from lowbit import LLM
-from lowbit.loaders.registry import load_checkpoint
 from lowbit.loaders.base import Checkpoint
 from lowbit.loaders.gguf_file import read_gguf
+from lowbit.loaders.registry import load_checkpoint
 from lowbit.loaders.tokenizer import tokenizer_from_gguf
+from lowbit.quantize.pipeline import QuantizeOptions, quantize_model
+from lowbit.quantize.text_data import standard_text
 from lowbit.runtime.config import EngineConfig
 from lowbit.runtime.engine import Engine
 from lowbit.runtime.quant import method_for
-from lowbit.runtime.quant.pipeline import QuantizeOptions, quantize_model
 from lowbit.runtime.quant.rtn import quantize_w4a16_rtn
 from lowbit.runtime.sampling_params import SamplingParams
-from lowbit.text_data import standard_text
 from tests.stored_checkpoint import as_stored_fp16
 from tests.tiny_llama import save_tiny_llama
 

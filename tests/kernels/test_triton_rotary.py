@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lowbit.kernels.triton_support import HAS_TRITON
-from lowbit.runtime.config import RopeScaling
 from lowbit.runtime.layers.rotary import RotaryEmbedding, apply_rotary, inverse_frequencies
+from lowbit.runtime.models.config import RopeScaling
 
 from .tolerance import assert_close_rel
 

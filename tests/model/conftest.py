@@ -47,7 +47,7 @@ def llm_fast_int8() -> LLM:
 @pytest.fixture(scope="session")
 def wiki_ids(llm_fast) -> list[int]:
     """A fixed teacher-forcing passage: the first 300 tokens of exllamav2's wiki.utf8."""
-    from lowbit.text_data import standard_text
+    from lowbit.quantize.text_data import standard_text
 
     return llm_fast.tokenizer.encode(standard_text("wiki")[:4000])[:300]
 

@@ -22,17 +22,14 @@ import pytest
 import torch
 
 from lowbit import LLM
-from lowbit.loaders.registry import load_checkpoint
 from lowbit.loaders.base import Checkpoint
 from lowbit.loaders.gguf_file import read_gguf
+from lowbit.loaders.registry import load_checkpoint
 from lowbit.loaders.tokenizer import tokenizer_from_gguf
 from lowbit.loaders.writer import write_checkpoint
-from lowbit.runtime.config import EngineConfig
-from lowbit.runtime.engine import Engine
-from lowbit.runtime.quant import QuantizedWeight, W4A16Config, W8A8Config
-from lowbit.runtime.quant.awq import search_scales
-from lowbit.runtime.quant.calibration import calibration_samples, first_layer_inputs, run_layer
-from lowbit.runtime.quant.pipeline import (
+from lowbit.quantize.awq import search_scales
+from lowbit.quantize.calibration import calibration_samples, first_layer_inputs, run_layer
+from lowbit.quantize.pipeline import (
     QuantizeOptions,
     _collect,
     _fold,
@@ -40,8 +37,11 @@ from lowbit.runtime.quant.pipeline import (
     hf_model,
     quantize_model,
 )
-from lowbit.runtime.quant.smoothquant import smoothing_factors
-from lowbit.text_data import standard_text
+from lowbit.quantize.smoothquant import smoothing_factors
+from lowbit.quantize.text_data import standard_text
+from lowbit.runtime.config import EngineConfig
+from lowbit.runtime.engine import Engine
+from lowbit.runtime.quant import QuantizedWeight, W4A16Config, W8A8Config
 from tests.stored_checkpoint import as_stored_fp16
 from tests.tiny_llama import save_tiny_llama
 

@@ -262,7 +262,7 @@ def hf_tokenizer():
     """transformers' own tokenizer for the default GGUF: the independent token-count reference."""
     from transformers import AutoTokenizer
 
-    from lowbit.default_model import default_model_path
+    from lowbit.loaders.default_model import default_model_path
 
     path = default_model_path()
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

@@ -17,10 +17,10 @@ from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType as V
 
-from lowbit.loaders.registry import detect, load_checkpoint
 from lowbit.loaders.gguf import load_gguf
 from lowbit.loaders.gguf_file import read_gguf
-from lowbit.runtime.config import RopeScaling
+from lowbit.loaders.registry import detect, load_checkpoint
+from lowbit.runtime.models.config import RopeScaling
 from lowbit.runtime.quant import QuantizedWeight, W4A16Config, W8A16Config, method_for
 
 from .gguf_fixtures import HF_NAMES, TinyLlama, hf_to_gguf_permute, tiny_vocab, write_gguf

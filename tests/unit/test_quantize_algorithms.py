@@ -24,13 +24,13 @@ from transformers import PreTrainedTokenizerFast
 
 from lowbit.kernels.w4a16_matmul import unpack_int4
 from lowbit.loaders.tokenizer import Tokenizer
+from lowbit.quantize.awq import fake_int4, search_scales
+from lowbit.quantize.calibration import calibration_samples, watch_inputs
+from lowbit.quantize.gptq import Hessian, gptq_quantize
+from lowbit.quantize.pipeline import QuantizeOptions
+from lowbit.quantize.smoothquant import smoothing_factors
 from lowbit.runtime.quant import QuantizedWeight, method_for
-from lowbit.runtime.quant.awq import fake_int4, search_scales
-from lowbit.runtime.quant.calibration import calibration_samples, watch_inputs
-from lowbit.runtime.quant.gptq import Hessian, gptq_quantize
-from lowbit.runtime.quant.pipeline import QuantizeOptions
 from lowbit.runtime.quant.rtn import int4_grid, int4_round, quantize_w4a16_rtn
-from lowbit.runtime.quant.smoothquant import smoothing_factors
 
 N_OUT, K_IN = 48, 128
 # GPTQ's error on held-out inputs must be below this share of RTN's (measured on the data below:

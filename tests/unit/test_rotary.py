@@ -7,8 +7,8 @@ import torch
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from lowbit.runtime.config import RopeScaling
 from lowbit.runtime.layers.rotary import inverse_frequencies
+from lowbit.runtime.models.config import RopeScaling
 
 LLAMA3 = {
     "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -128,7 +128,7 @@ def test_special_ids_and_vocab_size(tokenizers):
 @pytest.mark.parametrize("corpus", ["wiki", "c4"])
 def test_whole_corpus_encodes_like_transformers(tokenizers, corpus):
     """Hundreds of thousands of tokens of real text, beyond the hand-picked cases above."""
-    from lowbit.text_data import standard_text
+    from lowbit.quantize.text_data import standard_text
 
     ours, hf = tokenizers
     text = standard_text(corpus)

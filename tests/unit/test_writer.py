@@ -14,12 +14,13 @@ from tokenizers import models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from lowbit import LLM
-from lowbit.loaders.registry import load_checkpoint
 from lowbit.loaders.base import Checkpoint
+from lowbit.loaders.registry import load_checkpoint
 from lowbit.loaders.tokenizer import Tokenizer
 from lowbit.loaders.writer import write_checkpoint
-from lowbit.runtime.config import EngineConfig, ModelConfig
+from lowbit.runtime.config import EngineConfig
 from lowbit.runtime.engine import Engine
+from lowbit.runtime.models.config import ModelConfig
 from lowbit.runtime.quant import QuantizedWeight, W4A16Config, dense_weight
 from lowbit.runtime.quant.rtn import quantize_w4a16_rtn, quantize_w8a8_rtn, quantize_w8a16_rtn
 

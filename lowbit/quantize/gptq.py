@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import QuantizedWeight
-from .rtn import int4_grid, int4_round, int4_weight
+from lowbit.runtime.quant.base import QuantizedWeight
+from lowbit.runtime.quant.rtn import int4_grid, int4_round, int4_weight
 
 
 class Hessian:

@@ -13,16 +13,16 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from lowbit.loaders.registry import load_checkpoint
 from lowbit.loaders.base import Checkpoint
 from lowbit.loaders.hf_config import to_hf_config
-from lowbit.runtime.config import ModelConfig
+from lowbit.loaders.registry import load_checkpoint
+from lowbit.runtime.models.config import ModelConfig
+from lowbit.runtime.quant import QuantizedWeight, method_for
+from lowbit.runtime.quant.rtn import quantize_w4a16_rtn, quantize_w8a8_rtn, quantize_w8a16_rtn
 
-from . import QuantizedWeight, method_for
 from .awq import search_scales
 from .calibration import calibration_samples, first_layer_inputs, run_layer, watch_inputs
 from .gptq import Hessian, gptq_quantize
-from .rtn import quantize_w4a16_rtn, quantize_w8a8_rtn, quantize_w8a16_rtn
 from .smoothquant import smoothing_factors
 
 METHODS = ("rtn", "gptq", "awq", "smoothquant")
@@ -288,7 +288,7 @@ def quantize_model(
     inputs, kwargs = [], {}
     if opts.needs_calibration:
         if calibration_text is None:
-            from lowbit.text_data import standard_text
+            from .text_data import standard_text
 
             calibration_text = standard_text("c4")
         samples = calibration_samples(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .rtn import int4_grid, int4_round
+from lowbit.runtime.quant.rtn import int4_grid, int4_round
 
 MAX_SEARCH_TOKENS = 4096  # tokens of X used to score each alpha
 

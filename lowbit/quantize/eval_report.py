@@ -7,10 +7,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lowbit.loaders.base import Checkpoint
-from lowbit.runtime.config import EngineConfig, ModelConfig
+from lowbit.runtime.config import EngineConfig
 from lowbit.runtime.engine import Engine
-from lowbit.runtime.evaluate import EvalResult, perplexity, weights_bytes
-from lowbit.runtime.quant.pipeline import QuantizeOptions, fitting_group_sizes, quantize_model
+from lowbit.runtime.models.config import ModelConfig
+
+from .evaluate import EvalResult, perplexity, weights_bytes
+from .pipeline import QuantizeOptions, fitting_group_sizes, quantize_model
 
 
 @dataclass(frozen=True)
