@@ -17,7 +17,6 @@ from lowbit import LLM
 from lowbit.kernels import cpu_ops
 from lowbit.kernels.w4a16_matmul import pack_int4
 from lowbit.kernels.w8a8_matmul import w8a8_matmul_ref
-from lowbit.loaders.registry import load_checkpoint
 from lowbit.loaders.compressed_tensors import (
     CompressedTensorsWriter,
     CtConfig,
@@ -25,6 +24,7 @@ from lowbit.loaders.compressed_tensors import (
     ct_to_canonical,
 )
 from lowbit.loaders.gguf_file import read_gguf
+from lowbit.loaders.registry import load_checkpoint
 from lowbit.loaders.tokenizer import tokenizer_from_gguf
 from lowbit.loaders.writer import write_checkpoint
 from lowbit.runtime.quant import QuantizedWeight, W4A16Config, W8A8Config, W8A16Config, method_for
