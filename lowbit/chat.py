@@ -66,7 +66,7 @@ class ChatSession:
 
     def prompt_ids(self) -> list[int]:
         """The conversation's tokens, dropping the oldest turns when it outgrows the context."""
-        limit = self.llm.engine.max_model_len - 16
+        limit = self.llm.engine.info.max_model_len - 16
         ids = self.llm.tokenizer.apply_chat_template(self.messages)
         while len(ids) > limit and len(self.messages) > len(self.system) + 1:
             del self.messages[len(self.system)]
@@ -81,7 +81,7 @@ class ChatSession:
     def _answer(self, user_text: str, interrupt: _Interrupt) -> AnswerStats:
         self.messages.append({"role": "user", "content": user_text})
         ids = self.prompt_ids()
-        room = self.llm.engine.max_model_len - len(ids)
+        room = self.llm.engine.info.max_model_len - len(ids)
         max_tokens = min(self.params.max_tokens or room, room)
         params = dataclasses.replace(self.params, max_tokens=max_tokens)
         text, tokens, first = [], 0, None

@@ -67,14 +67,13 @@ def chat(
         build_cpu_kernels(config.resolve_device())
         with step(f"loading {name}", f"loaded {name}") as s:
             llm = LLM(model, **options)
-            s.done = f"loaded {llm.engine.checkpoint_source}"
+            s.done = f"loaded {llm.engine.info.source}"
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    engine, spec = llm.engine, llm.engine.kv_spec
+    info = llm.engine.info
     console.print(
-        f"[bold]{engine.checkpoint_source}[/bold] · {engine.dtype} · KV cache {spec.dtype}, "
-        f"{spec.num_blocks * spec.block_size} tokens"
+        f"[bold]{info.source}[/bold] · {info.dtype} · KV cache {info.kv_cache_dtype}, {info.kv_tokens} tokens"
     )
     run_chat(llm, params, system, console)
 
@@ -139,17 +138,16 @@ def serve(
         build_cpu_kernels(config.resolve_device())
         with step(f"loading {name}", f"loaded {name}") as s:
             async_engine = AsyncEngine.from_config(config, max_pending=max(4 * max_num_seqs, 64))
-            s.done = f"loaded {async_engine.engine.checkpoint_source}"
+            s.done = f"loaded {async_engine.info.source}"
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     names = served_model_name or [Path(model or default_model_path()).name.removesuffix(".gguf")]
-    engine = async_engine.engine
+    info = async_engine.info
     app_ = build_app(async_engine, names, api_key)
-    spec = engine.kv_spec
     typer.echo(
-        f"serving {names[0]} ({engine.dtype}, KV cache {spec.dtype} x "
-        f"{spec.num_blocks * spec.block_size} tokens) on http://{host}:{port}/v1"
+        f"serving {names[0]} ({info.dtype}, KV cache {info.kv_cache_dtype} x {info.kv_tokens} tokens) "
+        f"on http://{host}:{port}/v1"
     )
     # uvicorn drains in-flight requests on SIGTERM and then re-raises the signal; with the default
     # handler that kills the process (status 143) after a clean shutdown. Exit with 0 instead.

@@ -19,6 +19,7 @@ from lowbit.loaders.tokenizer import Tokenizer
 from lowbit.runtime.block_manager import BlockManager
 from lowbit.runtime.config import EngineConfig
 from lowbit.runtime.detokenizer import Detokenizer
+from lowbit.runtime.engine_info import EngineInfo
 from lowbit.runtime.host_memory import after_step, loading_weights
 from lowbit.runtime.kv_cache import KVCacheSpec, allocate_kv_cache, num_blocks_for
 from lowbit.runtime.model_runner import ModelRunner
@@ -72,6 +73,7 @@ class Engine:
         with loading_weights():
             self._load(config, checkpoint)
         self.load_seconds = time.perf_counter() - started
+        self._info = self._describe()
         logger.info(
             "loaded %s in %.1f s: %s on %s, KV cache %s x %d blocks of %d tokens",
             self.checkpoint_source, self.load_seconds, self.dtype, self.device,
@@ -115,6 +117,27 @@ class Engine:
         )
         self.requests: dict[str, Request] = {}
         self.counters = EngineStats()
+
+    @property
+    def info(self) -> EngineInfo:
+        """What this engine is (source, dtypes, context length, vocabulary, KV pool size), fixed at
+        load: what front doors and the server read instead of the engine's working parts."""
+        return self._info
+
+    def _describe(self) -> EngineInfo:
+        spec = self.kv_spec
+        return EngineInfo(
+            source=self.checkpoint_source,
+            architecture=self.model_config.architecture,
+            device=self.device,
+            dtype=self.dtype,
+            kv_cache_dtype=spec.dtype,
+            max_model_len=self.max_model_len,
+            vocab_size=self.model_config.vocab_size,
+            kv_num_blocks=spec.num_blocks,
+            kv_block_size=spec.block_size,
+            load_seconds=self.load_seconds,
+        )
 
     def _max_model_len(self) -> int:
         trained = self.model_config.max_position_embeddings

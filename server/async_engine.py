@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from lowbit.runtime.config import EngineConfig
 from lowbit.runtime.engine import Engine, Request
+from lowbit.runtime.engine_info import EngineInfo
 from lowbit.runtime.outputs import RequestOutput
 from lowbit.runtime.sampling_params import SamplingParams
 
@@ -77,6 +78,11 @@ class AsyncEngine:
             await asyncio.gather(self._loop_task, return_exceptions=True)
             self._loop_task = None
         self._apply_pending()
+
+    @property
+    def info(self) -> EngineInfo:
+        """The served engine's fixed facts (source, dtypes, context length, ...)."""
+        return self.engine.info
 
     @property
     def num_in_flight(self) -> int:

@@ -1,21 +1,24 @@
-"""Prometheus metrics, one registry per app. Engine-state gauges are read at scrape time."""
+"""Prometheus metrics, one registry per app. Engine-state gauges are read at scrape time, from
+`Engine.stats()` (live queue lengths, KV blocks in use, prefix-cache hit rate)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from lowbit.runtime.engine import Engine
+from lowbit.runtime.engine import EngineStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class _EngineCollector:
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, stats: Callable[[], EngineStats]):
+        self.stats = stats
 
     def collect(self):
-        stats = self.engine.stats()
+        stats = self.stats()
         used = stats.num_blocks - stats.num_free_blocks
         gauges = {
             "lowbit_num_requests_waiting": ("Sequences waiting to be scheduled.", stats.num_waiting),
@@ -31,7 +34,8 @@ class _EngineCollector:
 
 
 class Metrics:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine_stats: Callable[[], EngineStats]):
+        """`engine_stats` is read at every scrape (`Engine.stats`)."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -51,7 +55,7 @@ class Metrics:
         self.in_flight = Gauge(
             "lowbit_http_requests_in_flight", "Generation requests being served.", registry=r
         )
-        r.register(_EngineCollector(engine))
+        r.register(_EngineCollector(engine_stats))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

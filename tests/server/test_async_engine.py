@@ -216,7 +216,7 @@ def test_concurrent_requests_each_get_their_single_request_result(exact_engine, 
 
 
 def test_invalid_requests_fail_at_the_call_and_the_engine_stays_usable(engine):
-    vocab, context = engine.model_config.vocab_size, engine.max_model_len
+    vocab, context = engine.info.vocab_size, engine.info.max_model_len
     invalid = [
         ([], greedy(4), "prompt is empty"),
         ("", greedy(4), "prompt is empty"),

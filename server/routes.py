@@ -1,0 +1,125 @@
+"""The routes: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics, /tokenize,
+/detokenize. Each handler finds what it serves with on `request.app.state` (`server_state`), so
+the handlers are plain module-level functions and `build_app` only wires them up."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from lowbit.runtime.outputs import RequestOutput
+
+from . import requests as rq
+from . import responses as rs
+from . import streams
+from .errors import APIError, error_body
+from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .state import server_state
+
+router = APIRouter()
+
+
+async def authorized(request: Request) -> None:
+    """With an API key set, every guarded route wants 'Authorization: Bearer <key>'."""
+    api_key = server_state(request).api_key
+    if api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    if not header.lower().startswith("bearer ") or header[7:].strip() != api_key:
+        what = "You didn't provide an API key" if not header else "Incorrect API key provided"
+        raise APIError(f"{what}. Pass it as 'Authorization: Bearer <key>'.", 401, None, "invalid_api_key")
+
+
+guarded = [Depends(authorized)]
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    error = server_state(request).async_engine.error
+    if error is not None:
+        return JSONResponse(error_body(f"engine failed: {error!r}", type="server_error"), 503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(server_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/models", dependencies=guarded)
+async def models(request: Request) -> dict:
+    state = server_state(request)
+    card = {"object": "model", "created": state.created, "owned_by": "lowbit"}
+    data = [{"id": name, **card, "max_model_len": state.info.max_model_len} for name in state.names]
+    return {"object": "list", "data": data}
+
+
+@router.post("/v1/chat/completions", dependencies=guarded)
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    state = server_state(request)
+    state.check_model(body.model)
+    prompt = rq.chat_prompt(body, state.tokenizer)
+    params = rq.chat_sampling_params(body)
+    header = state.header("chatcmpl", body.model)
+    stream = state.start(prompt, params, header.id)
+    if not body.stream:
+        outputs = await streams.until_done(request, stream)
+        return rs.chat_completion(header, outputs[-1], state.strings)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return streams.sse(streams.chat_events(header, stream, state.strings, include_usage))
+
+
+@router.post("/v1/completions", dependencies=guarded)
+async def completions(body: CompletionRequest, request: Request):
+    state = server_state(request)
+    state.check_model(body.model)
+    prompts = rq.completion_prompts(body, state.tokenizer)
+    params = rq.completion_sampling_params(body)
+    header = state.header("cmpl", body.model)
+    started = [state.start(p, params, f"{header.id}-{i}") for i, p in enumerate(prompts)]
+    n = params.n
+    if not body.stream:
+        finals: dict[int, RequestOutput] = {}
+        for i, output in await streams.until_done(request, streams.merge(started)):
+            finals[i] = output
+        choices = [
+            rs.completion_choice(i * n + c.index, c, c.text, state.strings)
+            for i in sorted(finals)
+            for c in finals[i].outputs
+        ]
+        usage = rs.merge_usage([rs.usage(finals[i]) for i in sorted(finals)])
+        return rs.completion_body(header, choices, usage)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    events = streams.completion_events(header, streams.merge(started), n, state.strings, include_usage)
+    return streams.sse(events)
+
+
+@router.post("/tokenize", dependencies=guarded)
+async def tokenize(body: TokenizeRequest, request: Request) -> dict:
+    state = server_state(request)
+    if body.model is not None:
+        state.check_model(body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError("give exactly one of prompt and messages", 400, "prompt")
+    if body.prompt is not None:
+        tokens = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    else:
+        chat = ChatCompletionRequest(
+            model=body.model or state.names[0],
+            messages=body.messages,
+            add_generation_prompt=body.add_generation_prompt,
+        )
+        tokens = rq.chat_prompt(chat, state.tokenizer)
+    return {"tokens": tokens, "count": len(tokens), "max_model_len": state.info.max_model_len}
+
+
+@router.post("/detokenize", dependencies=guarded)
+async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
+    state = server_state(request)
+    if body.model is not None:
+        state.check_model(body.model)
+    vocab = state.info.vocab_size
+    if any(not 0 <= t < vocab for t in body.tokens):
+        raise APIError(f"tokens must be ids in [0, {vocab})", 400, "tokens")
+    return {"prompt": state.tokenizer.decode(body.tokens, skip_special_tokens=False)}
