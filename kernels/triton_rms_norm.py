@@ -7,9 +7,9 @@ Layouts (rows are tokens; any strides, the launcher passes them):
   -> (normed [T, hidden] out_dtype, residual [T, hidden] fp32)
 Without a residual (the first layer) the returned residual is a new fp32 tensor equal to x.float().
 
-Semantics are runtime.layers.norm.RMSNorm's (and kernels/cpu_ops.cpp add_rms_norm's): the sum is done
-in fp32, normed = residual * rsqrt(mean(residual^2) + eps) * weight in fp32, cast once to out_dtype.
-Reference: `add_rms_norm_ref` (F.rms_norm). One program per row; a row longer than MAX_BLOCK is
+Semantics are kernels/rms_norm_ref.py's (and kernels/cpu/norm_rotary.cpp add_rms_norm's): the sum is
+done in fp32, normed = residual * rsqrt(mean(residual^2) + eps) * weight in fp32, cast once to
+out_dtype. Reference: `add_rms_norm_ref` (F.rms_norm). One program per row; a row longer than MAX_BLOCK is
 walked in blocks twice (sum of squares, then normalize), recomputing x + residual from the inputs
 in the second pass instead of re-reading what the first pass wrote, so no thread ever reads another
 thread's store.
@@ -22,7 +22,6 @@ relative), plus at most one ulp of out_dtype where the fp32 value sits on a roun
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -31,15 +30,6 @@ from .triton_support import next_power_of_2
 # Largest row held in registers in one block (Llama-70B's hidden is 8192); longer rows loop.
 MAX_BLOCK = 8192
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def add_rms_norm_ref(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, out_dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The spec (runtime.layers.norm.RMSNorm's eager path); updates `residual` in place like the kernel."""
-    residual = x.float() if residual is None else residual.add_(x)
-    normed = F.rms_norm(residual, (residual.shape[-1],), weight, eps)
-    return normed.to(out_dtype), residual
 
 
 @triton.jit

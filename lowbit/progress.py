@@ -67,10 +67,10 @@ def build_cpu_kernels(device: torch.device, console: Console | None = None) -> N
     """Build the compiled CPU ops now, under a progress line, when the engine will need them on
     `device` and no previous build is cached; otherwise do nothing (the engine loads a cached build
     in a moment, and a GPU engine never loads them)."""
-    from lowbit.kernels import cpu_ops
+    from lowbit.kernels.cpu import extension
 
-    if device.type != "cpu" or not cpu_ops.build_needed():
+    if device.type != "cpu" or not extension.build_needed():
         return
     with step(BUILD_DOING, "CPU kernels built", console) as s:
-        if cpu_ops.load() is None:  # load() has logged why
+        if extension.load() is None:  # load() has logged why
             s.done = "CPU kernels unavailable, eager torch ops instead: build failed"

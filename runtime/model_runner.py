@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lowbit.runtime.kv_cache import LayerKVCache
-from lowbit.runtime.layers.attention import AttentionMetadata
+from lowbit.runtime.layers.attention_metadata import AttentionMetadata
 from lowbit.runtime.sampler import Sampler, SampleRequest, SamplerOutput
 from lowbit.runtime.scheduler import SchedulerOutput
 

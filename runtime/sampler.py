@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.kernels import cpu_ops
+from lowbit.runtime.backends.base import choose
+from lowbit.runtime.backends.sampler import SAMPLER_BACKENDS
 from lowbit.runtime.outputs import TokenLogprob
 from lowbit.runtime.sampling_params import SamplingParams
 
@@ -83,25 +84,13 @@ def _filter_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def greedy(logits: torch.Tensor) -> torch.Tensor:
-    """Row-wise argmax, the first maximum (a NaN counting as the maximum) as torch's. Over a 49k
-    vocabulary on 2 CPU threads torch's takes ~90 us, the compiled one ~6 us."""
-    if logits.is_cpu and logits.dtype == torch.float32 and (ops := cpu_ops.load()) is not None:
-        return ops.argmax_rows(logits)
-    return logits.argmax(dim=-1)
-
-
-def _draw(probs: torch.Tensor, rows: Seq[SampleRequest], default: torch.Generator) -> torch.Tensor:
-    noise = torch.empty_like(probs)
-    for i, row in enumerate(rows):
-        noise[i].exponential_(generator=row.generator or default)
-    return greedy(probs / noise)
-
-
 class Sampler:
     def __init__(self, seed: int = 0):
         self.generator = torch.Generator()
         self.generator.manual_seed(seed)
+        # Row-wise argmax (greedy tokens and the exponential race), chosen once per engine.
+        self.backend = choose("sampler", SAMPLER_BACKENDS)
+        self.argmax = self.backend.argmax
 
     def __call__(self, logits: torch.Tensor, rows: Seq[SampleRequest]) -> SamplerOutput:
         """logits fp32 [R, V] (consumed) -> one token per row."""
@@ -111,7 +100,7 @@ class Sampler:
         )
         apply_logit_bias(logits, rows)
         apply_penalties(logits, rows)
-        tokens = greedy(logits)
+        tokens = self.argmax(logits)
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if sampled:
             tokens[sampled] = self._sample([rows[i] for i in sampled], logits[sampled])
@@ -128,7 +117,13 @@ class Sampler:
             logits = _filter_top_k_top_p(logits, top_k, top_p)
         if any(r.params.min_p > 0 for r in rows):
             logits = _filter_min_p(logits, torch.tensor([r.params.min_p for r in rows]))
-        return _draw(logits.softmax(dim=-1), rows, self.generator)
+        return self._draw(logits.softmax(dim=-1), rows)
+
+    def _draw(self, probs: torch.Tensor, rows: Seq[SampleRequest]) -> torch.Tensor:
+        noise = torch.empty_like(probs)
+        for i, row in enumerate(rows):
+            noise[i].exponential_(generator=row.generator or self.generator)
+        return self.argmax(probs / noise)
 
     @staticmethod
     def _logprobs(

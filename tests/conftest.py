@@ -16,9 +16,9 @@ if not torch.cuda.is_available():
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Build the fused CPU ops once, before any test (or server subprocess) times its startup."""
-    from lowbit.kernels import cpu_ops
+    from lowbit.kernels.cpu import extension
 
-    cpu_ops.load()
+    extension.load()
 
 
 @pytest.fixture(scope="session")

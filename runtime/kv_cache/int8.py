@@ -1,5 +1,5 @@
 """int8 paged KV cache: one fp32 scale per (token, head) for K and for V, set when a token is
-written (kernels/kv_store.py) and applied inside attention (kernels/paged_attention.py).
+written (kernels/kv_store_ref.py) and applied inside attention (kernels/paged_attention_ref.py).
 
 There is no global calibration scale: a per-tensor scale of 1.0 is how FP8 caches elsewhere turn
 into garbage on models whose keys are large.

@@ -1,77 +1,120 @@
-"""Decode steps on CPU through one compiled call per decoder layer (kernels/cpu_decode_layer.cpp).
+"""How a step runs the model's decoder layers: the eager DecoderLayers, or, for decode steps on CPU,
+one compiled call per layer (kernels/cpu/decode_layer.cpp). The model picks its decode path once,
+at build, from an ordered list (runtime/models/llama.py); prompts always take the eager layers.
 
 At one token per sequence the eager layer spends almost as long between its ops (Python frames,
 torch dispatch, small allocations) as in them: measured ~180 us a layer for the default model's 30
-layers on 2 threads, against ~250 us in its GEMMs. The compiled layer runs the same ops with the same
-roundings. It is used when every projection of every layer runs on cpu_gemm's kernels (what
-GGUF, GPTQ and AWQ int4 and Q8_0 weights pick on CPU) and the compiled ops are available; other
-steps and models keep the eager layers, which tests/model/test_cpu_ops_engine.py compares with.
+layers on 2 threads, against ~250 us in its GEMMs. The compiled layer runs the same ops as the
+eager DecoderLayer with the compiled-cpu attention and norm backends, with the same roundings
+(tests/model/test_cpu_ops_engine.py compares the two). It can run a model whose every projection is
+computed by a kernel that hands it its packed tensors (`LinearKernel.compiled_layer_operands`:
+the group-quantized CPU GEMMs of kernels/cpu/gemm.py, which GGUF, GPTQ and AWQ int4 and Q8_0
+weights pick on CPU).
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from lowbit.kernels import cpu_ops
+from lowbit.kernels.cpu import extension
+from lowbit.runtime.backends.attention import CompiledCPUAttention
+from lowbit.runtime.backends.base import Backend
 from lowbit.runtime.kv_cache import LayerKVCache
 
-from .attention import AttentionMetadata
+from .attention_metadata import AttentionMetadata
 
-# Kernels whose packed tensors the compiled layer reads, with the tensor names in its order.
-PACKED_TENSORS = {"cpu-group-int4": ("q", "scales", "mins"), "cpu-group-int8": ("q", "scales")}
+Rope = tuple[torch.Tensor, torch.Tensor]
 
 
-def _projection(fused: Any) -> tuple[list[torch.Tensor], int] | None:
-    """(packed tensors, group size) of a Linear/FusedLinear computed in one cpu_gemm call, else None."""
-    parts = getattr(fused, "parts", [fused])
+class LayerPath(Backend):
+    """Runs a step through all decoder layers of a model."""
+
+    @classmethod
+    def can_implement(cls, layers: Sequence[Any], device: torch.device, dtype: torch.dtype) -> str | None:
+        return None
+
+    @abstractmethod
+    def __call__(
+        self, hidden: torch.Tensor, rope: Rope, kv_caches: Sequence[LayerKVCache], meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden: the embeddings fp32 [T, hidden]; rope: the step's (cos, sin).
+        Returns (the last layer's output, the residual fp32)."""
+
+
+class EagerLayers(LayerPath):
+    """Each DecoderLayer in turn: any step, any model."""
+
+    name = "eager-layers"
+
+    def __init__(self, layers: Sequence[Any], device: torch.device, dtype: torch.dtype) -> None:
+        self.layers = layers
+
+    def __call__(self, hidden, rope, kv_caches, meta):
+        residual = None
+        for layer, cache in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(rope, hidden, residual, cache, meta)
+        return hidden, residual
+
+
+def _operands(projection: Any) -> tuple[list[torch.Tensor], int] | str:
+    """(packed tensors, group size) of a Linear/FusedLinear computed in one compiled GEMM call, else
+    why not."""
+    parts = getattr(projection, "parts", [projection])
     if len(parts) != 1:
-        return None
+        return f"{len(parts)} separate kernel calls"
     packed = parts[0].packed
-    names = PACKED_TENSORS.get(packed.kernel.name)
-    if names is None or getattr(packed.kernel.config, "act_order", False):
-        return None
-    group_size = getattr(packed.kernel.config, "group_size", None) or packed.in_features
-    return [packed.tensors[name] for name in names], group_size
+    operands = packed.kernel.compiled_layer_operands(packed.tensors, packed.in_features)
+    return operands if operands is not None else f"its {packed.kernel.name} weights"
 
 
-def compile_layer(layer: Any, dtype: torch.dtype) -> Any | None:
-    """The compiled equivalent of one DecoderLayer, or None if it cannot be compiled."""
-    ops = cpu_ops.load()
+def _projections(layer: Any) -> dict[str, Any]:
     attn, mlp = layer.self_attn, layer.mlp
-    norms = (layer.input_layernorm, layer.post_attention_layernorm)
-    if ops is None or attn.triton_attention is not None or any(n.quantize_output for n in norms):
+    return {"qkv": attn.qkv, "o_proj": attn.o_proj, "gate_up": mlp.gate_up, "down_proj": mlp.down_proj}
+
+
+class CompiledCPULayers(LayerPath):
+    """Decode steps (one token per sequence) as one compiled call per layer."""
+
+    name = "compiled-cpu-layers"
+
+    @classmethod
+    def can_implement(cls, layers, device, dtype):
+        if device.type != "cpu":
+            return "CPU only"
+        if extension.load() is None:
+            return "compiled CPU ops unavailable"
+        for i, layer in enumerate(layers):
+            if not isinstance(layer.self_attn.backend, CompiledCPUAttention):
+                return f"layer {i}'s attention runs on {layer.self_attn.backend.name}"
+            if layer.input_layernorm.quantize_output or layer.post_attention_layernorm.quantize_output:
+                return f"layer {i} quantizes a norm's output"
+            for name, projection in _projections(layer).items():
+                if isinstance(operands := _operands(projection), str):
+                    return f"layer {i}'s {name} cannot run in the compiled layer ({operands})"
         return None
-    projections = [_projection(p) for p in (attn.qkv, attn.o_proj, mlp.gate_up, mlp.down_proj)]
-    if any(p is None for p in projections):
-        return None
-    packed, group_sizes = zip(*projections, strict=True)
-    return ops.DecodeLayer(
-        norms[0].weight, norms[1].weight, norms[0].eps, list(packed), list(group_sizes),
-        attn.num_heads, attn.num_kv_heads, attn.scale, dtype,
-    )  # fmt: skip
 
+    def __init__(self, layers: Sequence[Any], device: torch.device, dtype: torch.dtype) -> None:
+        ops = extension.load()
+        self.layers = []
+        for layer in layers:
+            attn, norms = layer.self_attn, (layer.input_layernorm, layer.post_attention_layernorm)
+            packed, group_sizes = zip(*(_operands(p) for p in _projections(layer).values()), strict=True)
+            self.layers.append(ops.DecodeLayer(
+                norms[0].weight, norms[1].weight, norms[0].eps, list(packed), list(group_sizes),
+                attn.num_heads, attn.num_kv_heads, attn.scale, dtype,
+            ))  # fmt: skip
 
-def compile_layers(layers: Sequence[Any], dtype: torch.dtype) -> list[Any] | None:
-    """Every layer compiled, or None (a model runs all its layers one way)."""
-    compiled = [compile_layer(layer, dtype) for layer in layers]
-    return None if any(c is None for c in compiled) else compiled
-
-
-def run_decode_layers(
-    layers: Sequence[Any], hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-    kv_caches: Sequence[LayerKVCache], meta: AttentionMetadata,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """hidden: embeddings fp32 [T, hidden] of a step with one token per sequence.
-    Returns (last layer's output, residual fp32), as the eager loop over DecoderLayer does."""
-    residual, x = hidden, None
-    cos, sin = rope
-    tables, lens = meta.decode_block_tables, meta.context_lens
-    for layer, cache in zip(layers, kv_caches, strict=True):
-        x = layer.forward(
-            x, residual, cos, sin, cache.k, cache.v, cache.k_scale, cache.v_scale,
-            meta.slot_mapping, tables, lens,
-        )  # fmt: skip
-    return x, residual
+    def __call__(self, hidden, rope, kv_caches, meta):
+        residual, x = hidden, None
+        cos, sin = rope
+        tables, lens = meta.decode_block_tables, meta.context_lens
+        for layer, cache in zip(self.layers, kv_caches, strict=True):
+            x = layer.forward(
+                x, residual, cos, sin, cache.k, cache.v, cache.k_scale, cache.v_scale,
+                meta.slot_mapping, tables, lens,
+            )  # fmt: skip
+        return x, residual

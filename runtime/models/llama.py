@@ -14,9 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.runtime.backends.attention import ATTENTION_BACKENDS, AttentionBackend
+from lowbit.runtime.backends.base import choose
+from lowbit.runtime.backends.norm import NORM_BACKENDS, NormBackend
 from lowbit.runtime.kv_cache import LayerKVCache
-from lowbit.runtime.layers.attention import Attention, AttentionMetadata
-from lowbit.runtime.layers.decode_layer import compile_layers, run_decode_layers
+from lowbit.runtime.layers.attention import Attention
+from lowbit.runtime.layers.attention_metadata import AttentionMetadata
+from lowbit.runtime.layers.decode_layer import CompiledCPULayers, EagerLayers, LayerPath
 from lowbit.runtime.layers.embedding import Embedding
 from lowbit.runtime.layers.linear import FusedLinear, Linear
 from lowbit.runtime.layers.norm import RMSNorm
@@ -44,10 +48,14 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, w: WeightGetter, i: int, device, dtype):
+    def __init__(
+        self, config: ModelConfig, w: WeightGetter, i: int, device, dtype,
+        attention: AttentionBackend, norm: NormBackend,
+    ):  # fmt: skip
         super().__init__()
         p = f"model.layers.{i}."
-        self.input_layernorm = RMSNorm(w(p + "input_layernorm.weight"), config.rms_norm_eps, device, dtype)
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(w(p + "input_layernorm.weight"), eps, device, dtype, norm)
         self.self_attn = Attention(
             w(p + "self_attn.q_proj.weight"),
             w(p + "self_attn.k_proj.weight"),
@@ -58,9 +66,10 @@ class DecoderLayer(nn.Module):
             config.head_dim,
             device,
             dtype,
+            attention,
         )
         self.post_attention_layernorm = RMSNorm(
-            w(p + "post_attention_layernorm.weight"), config.rms_norm_eps, device, dtype
+            w(p + "post_attention_layernorm.weight"), eps, device, dtype, norm
         )
         self.mlp = MLP(
             w(p + "mlp.gate_proj.weight"),
@@ -98,6 +107,10 @@ class WeightGetter:
 
 
 class LlamaForCausalLM(nn.Module):
+    # Decode steps (one token per sequence) take the first of these that can run this model: each
+    # layer as one compiled call on CPU, else the eager layers. Prompts always run the eager layers.
+    DECODE_PATHS: tuple[type[LayerPath], ...] = (CompiledCPULayers, EagerLayers)
+
     def __init__(
         self,
         config: ModelConfig,
@@ -123,12 +136,15 @@ class LlamaForCausalLM(nn.Module):
             config.head_dim, config.rope_theta, config.rope_scaling, w.get("rope_freqs")
         )
         self.rotary = RotaryEmbedding(inv_freq, device)
+        # One backend per op for the whole model, the first of each list that can run on the device.
+        attention = choose("attention", ATTENTION_BACKENDS, device, dtype)
+        norm = choose("norm", NORM_BACKENDS, device, dtype)
         self.layers = nn.ModuleList(
-            [DecoderLayer(config, w, i, device, dtype) for i in range(config.num_layers)]
+            [DecoderLayer(config, w, i, device, dtype, attention, norm) for i in range(config.num_layers)]
         )
-        self.norm = RMSNorm(w("model.norm.weight"), config.rms_norm_eps, device, lm_head_dtype or dtype)
-        # One compiled call per layer for decode steps on CPU, where the model allows (else None).
-        self.decode_layers = compile_layers(self.layers, dtype) if device.type == "cpu" else None
+        self.norm = RMSNorm(w("model.norm.weight"), config.rms_norm_eps, device, lm_head_dtype or dtype, norm)
+        self.eager_layers = EagerLayers(self.layers, device, dtype)
+        self.decode_path = choose("decode path", self.DECODE_PATHS, self.layers, device, dtype)
 
     def forward(
         self,
@@ -141,11 +157,7 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions [T]; logits_indices [S] -> fp32 logits [S, vocab]."""
         hidden = self.embed_tokens(input_ids)  # fp32 [T, hidden]
         rope = self.rotary.tables(positions)
-        if self.decode_layers is not None and meta.num_prefills == 0:
-            hidden, residual = run_decode_layers(self.decode_layers, hidden, rope, kv_caches, meta)
-        else:
-            residual = None
-            for layer, cache in zip(self.layers, kv_caches, strict=True):
-                hidden, residual = layer(rope, hidden, residual, cache, meta)
+        layers = self.decode_path if meta.num_prefills == 0 else self.eager_layers
+        hidden, residual = layers(hidden, rope, kv_caches, meta)
         x, _ = self.norm(hidden[logits_indices], residual[logits_indices])
         return self.lm_head(x).float()

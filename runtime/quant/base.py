@@ -127,6 +127,14 @@ class LinearKernel(ABC):
         a tied embedding table needs no copy of its own). Only kernels with `keeps_rows`."""
         raise NotImplementedError(f"{self.name} does not keep weight rows readable")
 
+    def compiled_layer_operands(
+        self, packed: Mapping[str, torch.Tensor], in_features: int
+    ) -> tuple[list[torch.Tensor], int] | None:
+        """(packed tensors, group size) in the order the compiled CPU decode layer reads a projection
+        (kernels/cpu/decode_layer.cpp: [q, scales] for int8, [q, scales, mins] for int4), or None
+        where it cannot compute this kernel's weights (runtime/layers/decode_layer.py)."""
+        return None
+
 
 def cpu_bf16_only(device: torch.device, dtype: torch.dtype) -> str | None:
     """torch's packed int4/int8 CPU kernels are fast only with bf16 activations. Measured (torch

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.kernels import cpu_gemm
 from lowbit.kernels import w4a16_matmul as k4
+from lowbit.kernels.cpu import gemm as cpu_gemm
 
 from .base import (
     DequantizedKernel,
@@ -36,7 +36,7 @@ class W4A16Config(QuantConfig):
 
 
 class CpuGroupInt4Kernel(LinearKernel):
-    """Our CPU int4 GEMM (kernels/cpu_gemm.cpp): keeps the checkpoint's groups, any float
+    """Our CPU int4 GEMM (kernels/cpu/gemm.cpp): keeps the checkpoint's groups, any float
     activation dtype, bf16 dot products when activations are bf16."""
 
     name = "cpu-group-int4"
@@ -57,6 +57,11 @@ class CpuGroupInt4Kernel(LinearKernel):
         if self.config.act_order:
             x = x.index_select(-1, packed["perm"])
         return cpu_gemm.gemm(x, packed, self.config.group_size)
+
+    def compiled_layer_operands(self, packed, in_features):
+        if self.config.act_order:  # the compiled layer reads x in its own order
+            return None
+        return [packed["q"], packed["scales"], packed["mins"]], self.config.group_size
 
 
 class CpuInt4PackKernel(LinearKernel):

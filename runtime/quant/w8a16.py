@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.kernels import cpu_gemm
 from lowbit.kernels import w8a16_matmul as k8
+from lowbit.kernels.cpu import gemm as cpu_gemm
 
 from .base import DequantizedKernel, LinearKernel, QuantConfig, QuantLinearMethod, TensorSpec, cpu_bf16_only
 
@@ -26,7 +26,7 @@ class W8A16Config(QuantConfig):
 
 
 class CpuGroupInt8Kernel(LinearKernel):
-    """Our CPU int8 GEMM (kernels/cpu_gemm.cpp): block scales (GGUF Q8_0) or per-channel, any
+    """Our CPU int8 GEMM (kernels/cpu/gemm.cpp): block scales (GGUF Q8_0) or per-channel, any
     float activation dtype. The 49k-row vocabulary projection of the default model: 0.7-1.3 ms at
     one token against 2.1-3.2 ms for the dense fp16 weight it replaces (2 threads, Xeon)."""
 
@@ -47,6 +47,9 @@ class CpuGroupInt8Kernel(LinearKernel):
 
     def gather_rows(self, packed, rows):
         return cpu_gemm.gather_int8_rows(packed, rows)
+
+    def compiled_layer_operands(self, packed, in_features):
+        return [packed["q"], packed["scales"]], self.config.group_size or in_features
 
 
 class CpuInt8PackKernel(LinearKernel):

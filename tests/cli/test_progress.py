@@ -1,5 +1,5 @@
 """lowbit/progress.py: the progress lines of the slow steps before serve and chat can answer, and
-kernels/cpu_ops.build_needed, which says whether the slowest of them (the CPU ops' build) is due."""
+kernels/cpu/extension.build_needed, which says whether the slowest of them (the CPU ops' build) is due."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from rich.console import Console
 
 from lowbit import progress
-from lowbit.kernels import cpu_ops
+from lowbit.kernels.cpu import extension
 
 TIME = r"in \d+\.\d s"
 
@@ -74,8 +74,8 @@ class _FakeOps:
 def fake_ops(monkeypatch):
     def make(needed: bool = True, builds: bool = True) -> _FakeOps:
         fake = _FakeOps(needed, builds)
-        monkeypatch.setattr(cpu_ops, "build_needed", fake.build_needed)
-        monkeypatch.setattr(cpu_ops, "load", fake.load)
+        monkeypatch.setattr(extension, "build_needed", fake.build_needed)
+        monkeypatch.setattr(extension, "load", fake.load)
         return fake
 
     return make
@@ -110,17 +110,17 @@ def test_build_cpu_kernels_is_silent_with_a_cached_build_or_on_a_gpu(fake_ops, n
 
 
 def test_build_needed_is_false_once_loaded():
-    cpu_ops.load()
-    assert not cpu_ops.build_needed()
+    extension.load()
+    assert not extension.build_needed()
 
 
 def test_build_needed_looks_for_a_previous_build(monkeypatch, tmp_path):
-    if cpu_ops.load() is None:
+    if extension.load() is None:
         pytest.skip("the compiled CPU ops are unavailable here")
     # As in a fresh process: load() not called yet.
-    monkeypatch.setattr(cpu_ops, "load", functools.cache(lambda: None))
-    assert not cpu_ops.build_needed()  # this machine's build is noted in the cache directory
+    monkeypatch.setattr(extension, "load", functools.cache(lambda: None))
+    assert not extension.build_needed()  # this machine's build is noted in the cache directory
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert cpu_ops.build_needed()  # an empty cache directory: a fresh machine
+    assert extension.build_needed()  # an empty cache directory: a fresh machine
     monkeypatch.setenv("LOWBIT_CPU_OPS", "0")
-    assert not cpu_ops.build_needed()  # disabled: nothing will be built
+    assert not extension.build_needed()  # disabled: nothing will be built

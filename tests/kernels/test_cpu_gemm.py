@@ -1,4 +1,4 @@
-"""The group-quantized CPU GEMMs (kernels/cpu_gemm.cpp) against fp32 dequantize-then-matmul
+"""The group-quantized CPU GEMMs (kernels/cpu/gemm.cpp) against fp32 dequantize-then-matmul
 (`w4a16_matmul_ref`, `w8a16_matmul_ref`), on both compiled paths (AVX-512 where the CPU has it,
 and the portable loops), every activation dtype, fp16 and fp32 scales, ragged M and several group
 sizes; the packed layout against its definition; and the small decode-step ops beside them
@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowbit.kernels import cpu_gemm
+from lowbit.kernels.cpu import gemm as cpu_gemm
 from lowbit.kernels.w4a16_matmul import dequantize_w4a16_ref, pack_int4, w4a16_matmul_ref
 from lowbit.kernels.w8a16_matmul import w8a16_matmul_ref
 
@@ -296,7 +296,7 @@ def test_dense_row_chunks_cover_the_rows_in_fixed_shapes(rows, row_bytes, expect
 
 def test_lowbit_amx_0_keeps_amx_off():
     """The switch for A/B runs; the extension is loaded in a fresh process that has it set."""
-    code = "from lowbit.kernels import cpu_ops; print(cpu_ops.load().has_amx())"
+    code = "from lowbit.kernels.cpu import extension; print(extension.load().has_amx())"
     env = {**os.environ, "LOWBIT_AMX": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -1,7 +1,8 @@
-"""The fused CPU ops (kernels/cpu_ops.cpp) against torch references: add_rms_norm against
-`F.rms_norm` of the summed residual, paged_decode_attention against `paged_attention_ref` and
-contiguous SDPA, on scattered block tables, GQA, ragged lengths and fp32/bf16/fp16/int8 caches;
-paged_prefill_attention against the same two, for whole prompts and chunks over a cached prefix."""
+"""The compiled CPU ops (kernels/cpu/norm_rotary.cpp, kernels/cpu/attention.cpp) against torch
+references: add_rms_norm against `F.rms_norm` of the summed residual, paged_decode_attention against
+`paged_attention_ref` and contiguous SDPA, on scattered block tables, GQA, ragged lengths and
+fp32/bf16/fp16/int8 caches; paged_prefill_attention against the same two, for whole prompts and
+chunks over a cached prefix."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowbit.kernels import cpu_ops
-from lowbit.kernels.paged_attention import paged_attention_ref
+from lowbit.kernels.cpu import extension
+from lowbit.kernels.paged_attention_ref import paged_attention_ref
 
 from .test_paged_attention import FP32_TOL, HEAD_DIM, build_paged, random_q, sdpa_reference
 
-ops = cpu_ops.load()
+ops = extension.load()
 pytestmark = pytest.mark.skipif(ops is None, reason="no C++ compiler: the eager path is used instead")
 # bf16 output rounding: one bf16 ulp of values near 4 is 1.6e-2.
 NORM_TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.bfloat16: {"rtol": 1e-2, "atol": 2e-2}}
@@ -80,7 +81,7 @@ def test_paged_decode_attention_matches_the_reference(cache_dtype, block_size, g
 
 def _decode_case(seq_lens: list[int], group: int, head_dim: int, block_size: int, cache_dtype, seed: int):
     """Sequences' K/V written with kv_store_ref into one pool of shuffled blocks (padding entries -1)."""
-    from lowbit.kernels.kv_store import kv_store_ref
+    from lowbit.kernels.kv_store_ref import kv_store_ref
 
     gen = torch.Generator().manual_seed(seed)
     kv_heads, width = 2, max(-(-n // block_size) for n in seq_lens)
@@ -149,7 +150,7 @@ def test_paged_decode_attention_errors():
 
 def _prefill_case(context_len: int, group: int, head_dim: int, block_size: int, cache_dtype, seed: int):
     """One sequence's K/V written with kv_store_ref into scattered blocks; q for every position."""
-    from lowbit.kernels.kv_store import kv_store_ref
+    from lowbit.kernels.kv_store_ref import kv_store_ref
 
     gen = torch.Generator().manual_seed(seed)
     kv_heads = 2
@@ -235,7 +236,7 @@ STORE_TOL = {
 @pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
 def test_rotary_kv_store_matches_apply_rotary_and_kv_store(in_dtype, cache_dtype):
-    from lowbit.kernels.kv_store import kv_store_ref
+    from lowbit.kernels.kv_store_ref import kv_store_ref
     from lowbit.runtime.layers.rotary import apply_rotary
 
     heads, cos, sin = _rotary_case(5, in_dtype, seed=1)

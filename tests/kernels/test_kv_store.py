@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit.kernels.kv_store import kv_store_ref
+from lowbit.kernels.kv_store_ref import kv_store_ref
 from lowbit.runtime.kv_cache import KVCacheSpec, allocate_kv_cache
 
 CPU = torch.device("cpu")

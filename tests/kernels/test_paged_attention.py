@@ -15,10 +15,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowbit.kernels.kv_store import kv_store_ref
-from lowbit.kernels.paged_attention import decode_attention_cpu, paged_attention_ref, prefill_attention_cpu
+from lowbit.kernels.kv_store_ref import kv_store_ref
+from lowbit.kernels.paged_attention_ref import (
+    decode_attention_cpu,
+    paged_attention_ref,
+    prefill_attention_cpu,
+)
+from lowbit.runtime.backends.attention import CompiledCPUAttention, TorchAttention
 from lowbit.runtime.kv_cache import LayerKVCache
-from lowbit.runtime.layers.attention import AttentionMetadata, paged_attention
+from lowbit.runtime.layers.attention_metadata import AttentionMetadata
 
 NUM_KV_HEADS, HEAD_DIM = 2, 16
 SEQ_LENS = [1, 5, 17, 40]
@@ -257,17 +262,14 @@ STEPS = {
 }
 
 
-@pytest.mark.parametrize("compiled", [True, False], ids=["compiled-ops", "eager"])
+@pytest.mark.parametrize("backend", [CompiledCPUAttention, TorchAttention], ids=["compiled-ops", "eager"])
 @pytest.mark.parametrize("step", list(STEPS))
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.int8], ids=["fp32", "int8"])
 @pytest.mark.parametrize("block_size", [1, 4])
-def test_dispatcher_mixes_prefill_and_decode(block_size, cache_dtype, step, compiled, monkeypatch):
-    from lowbit.kernels import cpu_ops
-
-    if not compiled:
-        monkeypatch.setattr(cpu_ops, "load", lambda: None)
-    elif cpu_ops.load() is None:
-        pytest.skip("no C++ compiler: only the eager path exists")
+def test_dispatcher_mixes_prefill_and_decode(block_size, cache_dtype, step, backend):
+    cpu = torch.device("cpu")
+    if (reason := backend.can_implement(cpu, torch.float32)) is not None:
+        pytest.skip(reason)  # no C++ compiler: only the eager path exists
     seq_lens, query_lens, num_prefills = STEPS[step]
     group = 3
     paged = build_paged(seq_lens, block_size, seed=block_size, cache_dtype=cache_dtype)
@@ -283,7 +285,7 @@ def test_dispatcher_mixes_prefill_and_decode(block_size, cache_dtype, step, comp
     )
     assert meta.num_prefill_tokens == sum(query_lens[:num_prefills])
     scale = 1 / math.sqrt(HEAD_DIM)
-    out = paged_attention(q, paged.cache(), meta, scale)
+    out = backend(cpu, torch.float32).paged_attention(q, paged.cache(), meta, scale)
     assert out.dtype == torch.float32 and out.shape == q.shape
     ref = paged_attention_ref(
         q, paged.k_cache, paged.v_cache, paged.block_tables, query_start, seq_lens, scale,
@@ -303,7 +305,7 @@ def test_dispatcher_mixes_prefill_and_decode(block_size, cache_dtype, step, comp
 def test_prefill_in_query_chunks(monkeypatch, rows, cached):
     """Query chunks of `rows` (the last one ragged), each over the keys it can see, for a whole
     prompt and for one whose beginning was in the prefix cache."""
-    from lowbit.kernels import paged_attention
+    from lowbit.kernels import paged_attention_ref as module
 
     paged = build_paged(SEQ_LENS, 4, seed=11 + rows)
     scale = 1 / math.sqrt(HEAD_DIM)
@@ -311,7 +313,7 @@ def test_prefill_in_query_chunks(monkeypatch, rows, cached):
     query_len = context_len - cached
     assert query_len > 2 * rows
     q = random_q(query_len, 3, seed=12)
-    monkeypatch.setattr(paged_attention, "SCORES_BYTES", q.shape[1] * context_len * 4 * rows)
+    monkeypatch.setattr(module, "SCORES_BYTES", q.shape[1] * context_len * 4 * rows)
     out = prefill_attention_cpu(q, paged.k_cache, paged.v_cache, paged.block_tables[b], context_len, scale)
     ref = paged_attention_ref(
         q, paged.k_cache, paged.v_cache, paged.block_tables[b : b + 1], [0, query_len], [context_len], scale

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit.kernels import cpu_ops
+from lowbit.kernels.cpu import extension
 from lowbit.kernels.w4a16_matmul import pack_int4, unpack_int4
 from lowbit.runtime.quant import (
     DenseConfig,
@@ -71,8 +71,8 @@ SELECTION = [
 @pytest.mark.parametrize(("make", "dtype", "kernel", "compiled"), SELECTION)
 def test_load_selects_kernel_and_apply_matches_dequantized(make, dtype, kernel, compiled, monkeypatch):
     if not compiled:
-        monkeypatch.setattr(cpu_ops, "load", lambda: None)
-    elif cpu_ops.load() is None and kernel.startswith("cpu-group"):
+        monkeypatch.setattr(extension, "load", lambda: None)
+    elif extension.load() is None and kernel.startswith("cpu-group"):
         pytest.skip("no C++ compiler here: the compiled CPU GEMMs are unavailable")
     weight = make(torch.Generator().manual_seed(0))
     method = method_for(weight.config)
@@ -282,7 +282,7 @@ def test_w8a16_rtn_exact_on_grid(group):
 
 
 def test_rtn_packs_and_runs_end_to_end(monkeypatch):
-    monkeypatch.setattr(cpu_ops, "load", lambda: None)  # torch's kernels; cpu_gemm's have their own tests
+    monkeypatch.setattr(extension, "load", lambda: None)  # torch's kernels; cpu_gemm's have their own tests
     w = _weight_with_zeros(48, 256, 10)
     x = torch.randn(3, 256, generator=torch.Generator().manual_seed(11)).to(torch.bfloat16)
     for scheme, kernel in [("w4a16", "cpu-int4pack"), ("w8a16", "cpu-int8pack")]:

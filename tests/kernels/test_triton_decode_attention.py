@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from lowbit.kernels.paged_attention import paged_attention_ref
+from lowbit.kernels.paged_attention_ref import paged_attention_ref
 from lowbit.kernels.triton_support import HAS_TRITON
 
 from .tolerance import assert_close_rel

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit.kernels.kv_store import MIN_SCALE, kv_store_ref
+from lowbit.kernels.kv_store_ref import MIN_SCALE, kv_store_ref
 from lowbit.kernels.triton_support import HAS_TRITON
 from lowbit.runtime.kv_cache import KVCacheSpec, allocate_kv_cache
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from lowbit.kernels.kv_store import kv_store_ref
-from lowbit.kernels.paged_attention import paged_attention_ref
+from lowbit.kernels.kv_store_ref import kv_store_ref
+from lowbit.kernels.paged_attention_ref import paged_attention_ref
 from lowbit.kernels.triton_support import HAS_TRITON
 
 from .tolerance import TOL, assert_close_rel

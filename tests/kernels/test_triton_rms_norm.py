@@ -13,7 +13,8 @@ from .tolerance import assert_close_rel
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 if HAS_TRITON:
-    from lowbit.kernels.triton_rms_norm import MAX_BLOCK, add_rms_norm_ref, add_rms_norm_triton
+    from lowbit.kernels.rms_norm_ref import add_rms_norm_ref
+    from lowbit.kernels.triton_rms_norm import MAX_BLOCK, add_rms_norm_triton
 
 EPS = 1e-5
 # Relative to max|ref| (see assert_close_rel). fp32: only the summation order and rsqrt differ (~1e-6).

@@ -1,4 +1,4 @@
-"""The engine with the compiled CPU ops (kernels/cpu_*.cpp: fused small ops, group-quantized GEMMs,
+"""The engine with the compiled CPU ops (kernels/cpu/*.cpp: fused small ops, group-quantized GEMMs,
 whole decode layers) and without them (the eager torch path with dequantized weights, used where no
 compiler is available) computes the same thing on the real model, fp32 and int8 KV: the same
 greedy tokens, the same log-probabilities at every decode step, the same prompt logits. And in bf16
@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from lowbit import LLM, SamplingParams
-from lowbit.kernels import cpu_ops
+from lowbit.kernels.cpu import extension
 
 from .conftest import KV_MEMORY
 
-pytestmark = pytest.mark.skipif(cpu_ops.load() is None, reason="fused CPU ops could not be built here")
+pytestmark = pytest.mark.skipif(extension.load() is None, reason="fused CPU ops could not be built here")
 PROMPT = "The history of the city of Paris begins"
 PARAMS = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
 
@@ -40,7 +40,7 @@ PROMPT_LOGITS_TOL = {"auto": 1e-3, "int8": 0.15}
 @pytest.mark.parametrize("kv", ["auto", "int8"])
 def test_fused_and_eager_paths_agree(kv, monkeypatch):
     fused = _run(kv)
-    monkeypatch.setattr(cpu_ops, "load", lambda: None)
+    monkeypatch.setattr(extension, "load", lambda: None)
     eager = _run(kv)
     assert fused[0] == eager[0]
     torch.testing.assert_close(fused[1], eager[1], rtol=0, atol=DECODE_TOL[kv])
@@ -62,10 +62,10 @@ COMPILED_TOL = 0.02
 def test_compiled_decode_layers_match_the_eager_layers(kv):
     llm = LLM(dtype="bfloat16", kv_cache_dtype=kv, kv_cache_memory=KV_MEMORY)
     model = llm.engine.model
-    assert model.decode_layers is not None  # the default model's layers all compile
+    assert model.decode_path.name == "compiled-cpu-layers"  # the default model's layers all compile
     ids = llm.tokenizer.encode(PROMPT)
     compiled = _generate(llm, ids)
-    model.decode_layers = None
+    model.decode_path = model.eager_layers
     eager = _generate(llm, ids)
     assert compiled[0] == eager[0]
     torch.testing.assert_close(compiled[1], eager[1], rtol=0, atol=COMPILED_TOL)

@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lowbit import LLM
-from lowbit.kernels import cpu_ops
+from lowbit.kernels.cpu import extension
 from lowbit.loaders.gguf_file import read_gguf
 from lowbit.loaders.tokenizer import tokenizer_from_gguf
 from tests.tiny_llama import with_rtn_weights
@@ -86,7 +86,7 @@ def test_quantized_on_load_matches_transformers_on_the_same_weights(tiny, tokeni
     fast = LLM(str(path), quantization=scheme, kv_cache_memory=16 << 20)
     kernels = {m.packed.kernel.name for m in fast.engine.model.modules() if hasattr(m, "packed")}
     bits = scheme[1]
-    assert kernels >= {f"cpu-group-int{bits}" if cpu_ops.load() is not None else f"cpu-int{bits}pack"}
+    assert kernels >= {f"cpu-group-int{bits}" if extension.load() is not None else f"cpu-int{bits}pack"}
     assert (fast.engine.score(ids) - ref).abs().max() < 0.05 * ref.abs().max()
 
 

@@ -62,7 +62,7 @@ def test_fp32_logits_match_transformers(tiny, tokenizer, monkeypatch, scheme):
     if scheme:
         assert "triton-w4a16" in kernel_names(llm)
         model = with_rtn_weights(model, scheme)
-    assert llm.engine.model.layers[0].self_attn.triton_attention is not None
+    assert llm.engine.model.layers[0].self_attn.backend.name == "triton"
     torch.testing.assert_close(llm.engine.score(ids), hf_logits(model, ids), atol=1e-4, rtol=0)
 
 

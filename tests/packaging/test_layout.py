@@ -56,7 +56,7 @@ def test_transformers_llama_imports_with_the_root_on_sys_path():
 def test_python_in_the_root_imports_transformers_then_lowbit():
     out = _run_in_root(
         "import transformers.models.llama.modeling_llama\n"
-        "import lowbit, lowbit.runtime.engine, lowbit.kernels.cpu_ops\n"
+        "import lowbit, lowbit.runtime.engine, lowbit.kernels.cpu.extension\n"
         "import kernels\n"
         "print(kernels.__file__)\n"
     )
@@ -91,7 +91,7 @@ def test_an_editor_resolves_lowbit_imports_without_an_install(tmp_path):
     project = jedi.Project(tree, environment_path=base)
     cases = {
         "from lowbit.runtime.engine import Engine": "runtime/engine.py",
-        "from lowbit.kernels.cpu_ops import load": "kernels/cpu_ops.py",
+        "from lowbit.kernels.cpu.extension import load": "kernels/cpu/extension.py",
         "from lowbit.loaders.registry import load_checkpoint": "loaders/registry.py",
         "from lowbit.server.app import build_app": "server/app.py",
     }

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from lowbit.kernels import cpu_ops
+from lowbit.kernels.cpu import extension
 
 ROOT = Path(__file__).resolve().parents[2]
 FOLDERS = ("lowbit", "runtime", "kernels", "loaders", "server")
@@ -27,11 +27,11 @@ import json, sys
 from pathlib import Path
 import lowbit, lowbit.runtime.engine
 from lowbit import LLM, SamplingParams
-from lowbit.kernels import cpu_ops
+from lowbit.kernels.cpu import extension
 llm = LLM(dtype="float32", kv_cache_memory=16 << 20)
 out = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=6))[0]
-files = [lowbit.__file__, lowbit.runtime.engine.__file__, cpu_ops.__file__]
-print(json.dumps({"files": files, "compiled": cpu_ops.load() is not None,
+files = [lowbit.__file__, lowbit.runtime.engine.__file__, extension.__file__]
+print(json.dumps({"files": files, "compiled": extension.load() is not None,
                   "tokens": out.outputs[0].token_ids}))
 """
 
@@ -71,11 +71,11 @@ def _tracked_sources() -> list[str]:
 
 def _build_inputs() -> set[str]:
     """The files the CPU ops build reads: its sources, its header, and whatever they include."""
-    names = {*cpu_ops.SOURCES, cpu_ops.HEADER}
+    names = {*extension.SOURCES, extension.HEADER}
     for name in list(names):
-        text = (ROOT / "kernels" / name).read_text()
+        text = (extension.HERE / name).read_text()
         names.update(re.findall(r'#include\s+"([^"]+)"', text))
-    return {f"lowbit/kernels/{name}" for name in names}
+    return {f"lowbit/kernels/cpu/{name}" for name in names}
 
 
 def test_the_wheel_holds_every_file_the_package_reads(wheel):
@@ -120,7 +120,7 @@ def _from_site(result: dict, site: Path) -> bool:
     return all(Path(file).resolve().is_relative_to(site.resolve()) for file in result["files"])
 
 
-@pytest.mark.skipif(cpu_ops.load() is None, reason="no C++ compiler here: covered by the fallback tests")
+@pytest.mark.skipif(extension.load() is None, reason="no C++ compiler here: covered by the fallback tests")
 def test_installed_wheel_builds_its_cpu_ops_and_answers(site, reference, tmp_path):
     result, _ = _answer(tmp_path, site, **_fresh_caches(tmp_path, "cold"))
     assert _from_site(result, site), result["files"]

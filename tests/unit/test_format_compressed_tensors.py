@@ -14,7 +14,7 @@ from compressed_tensors.quantization.utils import calculate_qparams
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lowbit import LLM
-from lowbit.kernels import cpu_ops
+from lowbit.kernels.cpu import extension
 from lowbit.kernels.w4a16_matmul import pack_int4
 from lowbit.kernels.w8a8_matmul import w8a8_matmul_ref
 from lowbit.loaders.compressed_tensors import (
@@ -359,7 +359,7 @@ def test_package_compressed_w8a8_matches_per_token_activation_quantization(tmp_p
     # (the compiled prefill op: ~1e-7) flips an activation's int8 rounding now and then, and one
     # flip moves this tiny model's logits by ~1e-2 from there on, as much as activation
     # quantization itself. The compiled ops are held to their references in tests/kernels.
-    monkeypatch.setattr(cpu_ops, "load", lambda: None)
+    monkeypatch.setattr(extension, "load", lambda: None)
     ours = LLM(str(tmp_path), dtype="float32", kv_cache_memory=16 << 20).engine.score(ids)
     dense = _hf_logits(reference, ids)
     for name, module in reference.named_modules():

@@ -6,7 +6,7 @@
 // had to be dequantized to a dense fp16 weight. These kernels keep the file's groups and compute
 // in fp32: the products are those of the fp32 reference, only the summation order differs.
 //
-// Layout (kernels/cpu_gemm.py packs it from the canonical one): output rows in blocks of 16, one
+// Layout (kernels/cpu/gemm.py packs it from the canonical one): output rows in blocks of 16, one
 // fp32 lane each, so the inner loop broadcasts one activation and does 16 multiply-adds without a
 // horizontal sum, and the weights stream through memory in the order they are read.
 //   int4: q [N/16, K/8, 64] uint8: 16 rows x 8 features per 64 bytes, ordered by int4_byte()
@@ -16,7 +16,7 @@
 // The int4 min term is folded per group: sum_k (q s + m) x = s sum_k q x + m sum_k x.
 // The AVX-512 path and the portable one (plain loops the compiler vectorizes) compute the same
 // thing; the tests run both against fp32 dequantize-then-matmul.
-#include "cpu_ops.h"
+#include "ops.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>

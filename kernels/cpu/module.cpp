@@ -1,5 +1,5 @@
-// Python bindings of the compiled CPU ops (declared in cpu_ops.h).
-#include "cpu_ops.h"
+// Python bindings of the compiled CPU ops (declared in ops.h).
+#include "ops.h"
 
 namespace ops = lowbit_cpu;
 
@@ -8,9 +8,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &ops::paged_decode_attention, "one query per sequence over a paged KV cache");
   m.def("paged_prefill_attention", &ops::paged_prefill_attention, "causal attention of one sequence's new tokens over its paged KV cache");
   m.def("rotary_kv_store", &ops::rotary_kv_store, "rotate q and k, store k and v in the paged cache, return q");
-  m.def("int4_gemm", &ops::int4_gemm, "x @ W.T for group-quantized affine int4 W in cpu_gemm's block layout");
-  m.def("int8_gemm", &ops::int8_gemm, "x @ W.T for group-quantized symmetric int8 W in cpu_gemm's block layout");
-  m.def("dequantize", &ops::dequantize, "the dense [N, K] weight of a cpu_gemm-packed one");
+  m.def("int4_gemm", &ops::int4_gemm, "x @ W.T for group-quantized affine int4 W in kernels/cpu/gemm.py's block layout");
+  m.def("int8_gemm", &ops::int8_gemm, "x @ W.T for group-quantized symmetric int8 W in kernels/cpu/gemm.py's block layout");
+  m.def("dequantize", &ops::dequantize, "the dense [N, K] weight of one packed by kernels/cpu/gemm.py");
   m.def("has_avx512", &ops::has_avx512, "whether the AVX-512 GEMM path was compiled in");
   m.def("has_amx", &ops::has_amx, "whether GEMMs of 2+ bf16 or fp16 rows run on AMX tiles");
   m.def("silu_mul", &ops::silu_mul, "silu(gate) * up over a fused [T, 2I] gate/up output");

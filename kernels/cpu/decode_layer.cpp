@@ -1,10 +1,10 @@
-// A decoder layer for decode steps (class DecodeLayer in cpu_ops.h), plus the two small ops around
+// A decoder layer for decode steps (class DecodeLayer in ops.h), plus the two small ops around
 // it that eager torch makes slow at one token:
 //   silu_mul    -> F.silu(gate) * up on the fused gate/up output, rounded as torch rounds each op
 //   argmax_rows -> logits.argmax(-1) (torch's takes ~90-130 us over a 49k vocabulary on 2 threads)
 // References: the eager DecoderLayers on the real model (tests/model/test_cpu_ops_engine.py),
 // F.silu(gate) * up and torch.argmax (tests/kernels/test_cpu_gemm.py).
-#include "cpu_ops.h"
+#include "ops.h"
 
 #include <ATen/Parallel.h>
 

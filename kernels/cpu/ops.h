@@ -1,5 +1,5 @@
-// The compiled CPU ops, one extension (kernels/cpu_ops.py builds every kernels/cpu_*.cpp together;
-// kernels/cpu_module.cpp exposes them to Python). Each op's file documents its layouts and the
+// The compiled CPU ops, one extension (kernels/cpu/extension.py builds every kernels/cpu/*.cpp
+// together; kernels/cpu/module.cpp exposes them to Python). Each op's file documents its layouts and the
 // torch reference it is tested against.
 #pragma once
 
@@ -12,7 +12,7 @@
 namespace lowbit_cpu {
 
 #if defined(__AVX512F__)
-// 16 consecutive values as fp32 lanes: cache rows (cpu_attention.cpp), scales and mins (cpu_gemm.cpp).
+// 16 consecutive values as fp32 lanes: cache rows (attention.cpp), scales and mins (gemm.cpp).
 inline __m512 widen16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 widen16(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
@@ -26,14 +26,14 @@ inline __m512 widen16(const c10::Half* p) {
 }
 #endif
 
-// cpu_ops.cpp: the decode step's small ops.
+// norm_rotary.cpp: the decode step's small ops.
 torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps,
                            torch::ScalarType out_dtype);
 torch::Tensor rotary_kv_store(torch::Tensor heads, torch::Tensor cos, torch::Tensor sin, int64_t num_heads,
                               int64_t kv_heads, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
                               c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale);
 
-// cpu_attention.cpp: attention over the paged KV cache.
+// attention.cpp: attention over the paged KV cache.
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
                                      torch::Tensor block_tables, torch::Tensor context_lens, double scale);
@@ -41,7 +41,7 @@ torch::Tensor paged_prefill_attention(torch::Tensor q, torch::Tensor k_cache, to
                                       c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
                                       torch::Tensor block_table, int64_t context_len, double scale);
 
-// cpu_gemm.cpp: group-quantized int4 / int8 GEMM.
+// gemm.cpp: group-quantized int4 / int8 GEMM.
 torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor mins,
                         int64_t group_size, torch::ScalarType out_dtype, bool portable);
 torch::Tensor int8_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, int64_t group_size,
@@ -51,7 +51,7 @@ torch::Tensor dequantize(torch::Tensor q, torch::Tensor scales, c10::optional<to
 bool has_avx512();
 bool has_amx();  // compiled in, and the kernel lets this process use the tiles
 
-// cpu_decode_layer.cpp: a whole decoder layer for steps where every sequence has one new token.
+// decode_layer.cpp: a whole decoder layer for steps where every sequence has one new token.
 torch::Tensor silu_mul(torch::Tensor gate_up);
 torch::Tensor argmax_rows(torch::Tensor logits);
 
@@ -63,7 +63,7 @@ namespace lowbit_cpu {
 // the ops of runtime/models/llama.py DecoderLayer, with the same roundings, called from C++ so
 // that the ~25 torch dispatches and Python frames between them (~180 us a layer measured at one
 // token, against ~250 us in the layer's GEMMs) are gone. Built once per layer at load, from weights
-// packed for cpu_gemm: each projection is [q, scales] (int8) or [q, scales, mins] (int4).
+// packed for kernels/cpu/gemm.py: each projection is [q, scales] (int8) or [q, scales, mins] (int4).
 class DecodeLayer {
  public:
   DecodeLayer(torch::Tensor input_norm, torch::Tensor post_norm, double eps,

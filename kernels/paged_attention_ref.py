@@ -14,7 +14,7 @@ each token's own scales; nothing outside attention sees dequantized values.
 Reference: `paged_attention_ref` (a loop over sequences, fp32). Eager CPU paths: `decode_attention_cpu`
 (one query per sequence, batched) and `prefill_attention_cpu` (one sequence, SDPA). Both compute
 in fp32 and return fp32. Where the compiled CPU ops load, the engine uses their
-`paged_decode_attention` and `paged_prefill_attention` (kernels/cpu_ops.cpp) instead: the same
+`paged_decode_attention` and `paged_prefill_attention` (kernels/cpu/attention.cpp) instead: the same
 fp32 computation, read straight from the paged cache.
 """
 

@@ -1,9 +1,9 @@
-"""The compiled CPU ops (kernels/cpu_*.cpp, one extension), built once per machine on first use.
+"""The compiled CPU ops (kernels/cpu/*.cpp, one extension), built once per machine on first use.
 
 At one token per step the model's small ops (norms, casts, rotary, cache writes, attention over a
-short context) cost more in dispatch than in arithmetic. cpu_ops.cpp fuses them, cpu_attention.cpp
-is attention over the paged KV cache (decode and prefill), cpu_gemm.cpp is the group-quantized GEMM
-(kernels/cpu_gemm.py), and cpu_decode_layer.cpp runs a whole decoder layer per call for decode
+short context) cost more in dispatch than in arithmetic. norm_rotary.cpp fuses them, attention.cpp
+is attention over the paged KV cache (decode and prefill), gemm.cpp is the group-quantized GEMM
+(kernels/cpu/gemm.py), and decode_layer.cpp runs a whole decoder layer per call for decode
 steps (runtime/layers/decode_layer.py). The extension is built with torch's cpp_extension (g++
 and ninja; cached under ~/.cache/torch_extensions, one build per CPU feature set and source
 version), so the first load on a machine takes about a minute. Without a compiler, or with
@@ -11,9 +11,9 @@ LOWBIT_CPU_OPS=0, `load()` returns None and the engine keeps the eager torch pat
 the same thing.
 
 References (tests/kernels/test_cpu_ops.py): `add_rms_norm` against F.rms_norm, `rotary_kv_store`
-against runtime.layers.rotary.apply_rotary + kernels.kv_store.kv_store_ref, and
-`paged_decode_attention` / `paged_prefill_attention` against kernels.paged_attention.paged_attention_ref
-and contiguous SDPA.
+against runtime.layers.rotary.apply_rotary + kernels.kv_store_ref.kv_store_ref, and
+`paged_decode_attention` / `paged_prefill_attention` against
+kernels.paged_attention_ref.paged_attention_ref and contiguous SDPA.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ HERE = Path(__file__).parent
 CFLAGS = ["-O3", "-march=native", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-fopenmp"]
 
 # One extension from every source: the decode layer calls the GEMMs and the small ops directly.
-SOURCES = ("cpu_module.cpp", "cpu_ops.cpp", "cpu_attention.cpp", "cpu_gemm.cpp", "cpu_decode_layer.cpp")
-HEADER = "cpu_ops.h"
+SOURCES = ("module.cpp", "norm_rotary.cpp", "attention.cpp", "gemm.cpp", "decode_layer.cpp")
+HEADER = "ops.h"
 
 
 def _build_name() -> str:

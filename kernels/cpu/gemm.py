@@ -1,11 +1,11 @@
-"""Group-quantized int4/int8 GEMM for CPU (kernels/cpu_gemm.cpp): packing and calls.
+"""Group-quantized int4/int8 GEMM for CPU (kernels/cpu/gemm.cpp): packing and calls.
 
 The kernels keep a checkpoint's groups (GGUF Q4_0/Q4_1/Q8_0 blocks of 32, GPTQ/AWQ groups of 64 or
 128) and compute in fp32 from any float activation dtype. Packed layout, from the canonical ones of
 kernels/w4a16_matmul.py and kernels/w8a16_matmul.py (N a multiple of 16, G a multiple of 32):
   int4: q uint8 [N/16, K/8, 64]: per block of 16 rows, 64 bytes per 8 input features; byte
         int4_byte(r, f) of chunk c holds feature 8c+f of row r, f < 4 in the low nibble
-        (the order AVX-512's byte unpacks turn into per-row feature pairs; see cpu_gemm.cpp)
+        (the order AVX-512's byte unpacks turn into per-row feature pairs; see gemm.cpp)
   int8: q int8  [N/16, K, 16]
   scales, mins  [N/16, K/G, 16], fp16 when every value converts exactly (GGUF stores fp16), else fp32
 References: w4a16_matmul_ref and w8a16_matmul_ref (tests/kernels/test_cpu_gemm.py).
@@ -18,15 +18,16 @@ from types import ModuleType
 
 import torch
 
-from lowbit.kernels import cpu_ops
+from lowbit.kernels.cpu import extension
 from lowbit.kernels.w4a16_matmul import unpack_int4
 
 LANES = 16  # output rows per packed block
 
 
 def load() -> ModuleType | None:
-    """The compiled GEMMs (part of kernels/cpu_ops.py's extension), or None where unavailable."""
-    return cpu_ops.load()
+    """The compiled GEMMs (part of the extension kernels/cpu/extension.py builds), or None where
+    unavailable."""
+    return extension.load()
 
 
 def supports(out_features: int, in_features: int, group_size: int) -> str | None:
@@ -110,7 +111,7 @@ def _has_amx() -> bool:
 
 # From this many activation rows on (prefill, long batches), dequantizing the weight and running
 # torch's dense matmul is faster than the per-row kernel (without AMX). Measured on a 2-core Xeon (AMX), a
-# 512x576 @ 576x3072 product: 11 ms in cpu_gemm, 1.5-2.6 ms as one bf16 matmul, 7.4 ms in fp32.
+# 512x576 @ 576x3072 product: 11 ms in gemm.cpp, 1.5-2.6 ms as one bf16 matmul, 7.4 ms in fp32.
 # bf16 activations use a split weight (hi + lo, two bf16 halves, summed inside one matmul): a
 # bf16-rounded weight alone moved the default model's logits by up to 1.8 over a 300-token
 # passage, against 0.7 with exact fp32 weights (a later run read 0.75 for it: that maximum is

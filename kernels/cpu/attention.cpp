@@ -1,10 +1,10 @@
-// Attention over the paged KV cache on CPU (layouts: kernels/paged_attention.py), fp32/bf16/fp16
+// Attention over the paged KV cache on CPU (layouts: kernels/paged_attention_ref.py), fp32/bf16/fp16
 // caches and int8 caches with per-(slot, kv head) scales, which are folded into the scores (K) and
 // the probabilities (V) rather than into dequantized copies.
-//   paged_decode_attention  -> kernels/paged_attention.py decode_attention_cpu
-//   paged_prefill_attention -> kernels/paged_attention.py prefill_attention_cpu (SDPA's math path)
+//   paged_decode_attention  -> kernels/paged_attention_ref.py decode_attention_cpu
+//   paged_prefill_attention -> kernels/paged_attention_ref.py prefill_attention_cpu (SDPA's math path)
 // Both are tested against paged_attention_ref and contiguous SDPA (tests/kernels/test_cpu_ops.py).
-#include "cpu_ops.h"
+#include "ops.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -113,7 +113,7 @@ inline std::pair<float, float> softmax_numerators(float* s, int64_t n) {
 constexpr int64_t kSegment = 128;
 
 #if defined(__AVX512F__)
-// Cache rows are read with widen16 (cpu_ops.h); fp64 caches (dispatched, never used by the engine) take the scalar loops.
+// Cache rows are read with widen16 (ops.h); fp64 caches (dispatched, never used by the engine) take the scalar loops.
 template <typename cache_t>
 constexpr bool kWidens = !std::is_same_v<cache_t, double>;
 

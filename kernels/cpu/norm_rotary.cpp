@@ -1,10 +1,10 @@
 // Fused CPU ops for the decode step, where eager PyTorch spends more time dispatching small ops
-// than computing (attention is in cpu_attention.cpp). Each has a torch reference it is tested
+// than computing (attention is in attention.cpp). Each has a torch reference it is tested
 // against (tests/kernels/test_cpu_ops.py):
 //   add_rms_norm    -> residual += x; F.rms_norm(residual, weight) cast to out_dtype
-//   rotary_kv_store -> runtime/layers/rotary.py apply_rotary + kernels/kv_store.py kv_store_ref
-// The cache layout is the one documented in kernels/kv_store.py.
-#include "cpu_ops.h"
+//   rotary_kv_store -> runtime/layers/rotary.py apply_rotary + kernels/kv_store_ref.py kv_store_ref
+// The cache layout is the one documented in kernels/kv_store_ref.py.
+#include "ops.h"
 
 #include <algorithm>
 #include <cmath>
@@ -54,7 +54,7 @@ inline void store_row(cache_t* dst, float* scale_dst, const float* src, int64_t 
   if constexpr (std::is_same_v<cache_t, int8_t>) {
     float amax = 0.f;
     for (int64_t d = 0; d < dim; ++d) amax = std::max(amax, std::abs(src[d]));
-    const float scale = std::max(amax / 127.f, 1e-8f);  // kv_store.py: INT8_MAX, MIN_SCALE
+    const float scale = std::max(amax / 127.f, 1e-8f);  // kv_store_ref.py: INT8_MAX, MIN_SCALE
     *scale_dst = scale;
     for (int64_t d = 0; d < dim; ++d) {
       // nearbyint rounds half to even, as torch.round does.
