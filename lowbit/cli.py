@@ -221,8 +221,8 @@ def eval_(
     from rich.console import Console
     from rich.table import Table
 
-    from lowbit.loaders import load_checkpoint
     from lowbit.loaders.default_model import default_model_path
+    from lowbit.loaders.registry import load_checkpoint
     from lowbit.quantize.eval_report import fitting_group_size, run, schemes
     from lowbit.quantize.text_data import standard_text
 
