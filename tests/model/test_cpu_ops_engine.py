@@ -32,8 +32,10 @@ def _run(kv: str) -> tuple[list[int], torch.Tensor, torch.Tensor]:
 # prompt), and a flipped key code moves later logits by up to ~0.2 (SmolLM2's keys have outlier
 # dimensions, see docs/accuracy.md) — the same sensitivity int8 KV has to any perturbation. Which
 # codes flip depends on the CPU's build: prompt logits moved by at most 0.05 on an AMD EPYC and by
-# 0.068 on an Intel Xeon (both -march=native builds).
-DECODE_TOL = {"auto": 1e-4, "int8": 0.25}
+# 0.068 on an Intel Xeon (both -march=native builds); decode log-probabilities by 0.286 on an AMD
+# EPYC without AVX-512 (portable loops; 2026-12-07). Against fp32 KV, int8 KV alone moves logits by
+# up to 1.3 (docs/accuracy.md), so 0.5 still fails any real divergence between the two paths.
+DECODE_TOL = {"auto": 1e-4, "int8": 0.5}
 PROMPT_LOGITS_TOL = {"auto": 1e-3, "int8": 0.15}
 
 
