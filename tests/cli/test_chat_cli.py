@@ -69,14 +69,18 @@ def test_loading_says_what_it_does_on_stderr_with_the_time_taken(default_gguf):
 
 
 def test_chat_answers_and_exits_on_ctrl_d():
+    # The default bf16 mode, greedy. Questions whose fp32 greedy answers (transformers, the same GGUF)
+    # have no near-tie on the way: HF's smallest top-2 margin is 2.55 up to "Tokyo" in the first
+    # answer and 2.21 in the second, against fast mode's 0.25 (docs/accuracy.md). (France's first
+    # token is a near-tie, 0.08, so which answer bf16 gives there is rounding luck.)
     child = _spawn("--temperature", "0")
-    child.sendline("What is the capital of France?")
-    child.expect("Paris")
+    child.sendline("What is the capital of Japan?")
+    child.expect("Tokyo")
     child.expect(r"tok/s")
     child.expect_exact(">>> ")
     # The conversation is kept: the follow-up is answered in the context of the first question.
-    child.sendline("Repeat the name of that city in one word.")
-    child.expect("Paris")
+    child.sendline("Repeat the name of that city.")
+    child.expect("Tokyo")
     child.expect_exact(">>> ")
     child.sendeof()
     child.expect(pexpect.EOF)

@@ -74,9 +74,12 @@ def test_stop_token_id_ends_generation(llm_fast):
 
 
 def test_chat_stops_at_end_of_turn(llm_fast):
-    out = llm_fast.chat(
-        [{"role": "user", "content": "Say hello."}], SamplingParams(temperature=0, max_tokens=64)
-    )
+    # A question whose whole fp32 greedy answer, end of turn included, has no near-tie (HF's smallest
+    # top-2 margin: 0.97, at "."; fast mode moves margins by up to 0.25): "The capital of Japan is
+    # Tokyo." in 8 tokens. ("Say hello." had ties of 0.000 on the way, so where bf16 went and whether
+    # it stopped within 64 tokens was rounding luck.)
+    question = [{"role": "user", "content": "What is the capital of Japan?"}]
+    out = llm_fast.chat(question, SamplingParams(temperature=0, max_tokens=64))
     completion = out[0].outputs[0]
     assert completion.finish_reason == "stop"
     assert completion.token_ids[-1] in llm_fast.tokenizer.eos_token_ids

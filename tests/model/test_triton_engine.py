@@ -101,7 +101,11 @@ def greedy(llm: LLM, params: SamplingParams) -> list[list[int]]:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_default_model_greedy_matches_cpu():
-    prompt = [{"role": "user", "content": "What is the capital of France?"}]
+    # The whole fp32 greedy answer ("The capital of Japan is Tokyo.", end of turn included) has no
+    # near-tie: HF's smallest top-2 margin on it is 0.97, about four times what CPU bf16 moves margins
+    # by (docs/accuracy.md). France's first token is a near-tie (0.08): which answer a half-precision
+    # GPU engine gives there is rounding luck, not parity.
+    prompt = [{"role": "user", "content": "What is the capital of Japan?"}]
     params = SamplingParams(max_tokens=12, temperature=0.0)
     gpu = LLM(device="cuda", kv_cache_memory=64 << 20)
     assert "triton-w4a16" in kernel_names(gpu)
