@@ -15,7 +15,6 @@ from abc import abstractmethod
 
 import torch
 
-from lowbit.kernels.cpu import extension
 from lowbit.kernels.kv_store_ref import kv_store_ref
 from lowbit.kernels.paged_attention_ref import decode_attention_cpu, prefill_attention_cpu
 from lowbit.kernels.triton_support import triton_unavailable
@@ -23,7 +22,7 @@ from lowbit.runtime.kv_cache import LayerKVCache
 from lowbit.runtime.layers.attention_metadata import AttentionMetadata
 from lowbit.runtime.layers.rotary import apply_rotary
 
-from .base import Backend
+from .base import Backend, CompiledCPU
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 
@@ -131,21 +130,11 @@ class PagedAttention(AttentionBackend):
         """One query per decode sequence, q [B_decode, H, D] -> fp32 [B_decode, H, D]."""
 
 
-class CompiledCPUAttention(PagedAttention):
+class CompiledCPUAttention(CompiledCPU, PagedAttention):
     """The compiled ops: rotary and both cache writes in one call (kernels/cpu/norm_rotary.cpp),
     attention read straight from the paged cache (kernels/cpu/attention.cpp)."""
 
     name = "compiled-cpu"
-
-    @classmethod
-    def can_implement(cls, device, dtype):
-        if device.type != "cpu":
-            return "CPU only"
-        return None if extension.load() is not None else "compiled CPU ops unavailable"
-
-    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
-        super().__init__(device, dtype)
-        self.ops = extension.load()
 
     def forward(self, heads, rope, cache, meta, num_heads, num_kv_heads, scale):
         # rotate_and_store inlined: the eager layers' hot path, one Python frame fewer per layer.

@@ -7,6 +7,10 @@ from abc import ABC
 from collections.abc import Sequence
 from typing import Any, ClassVar, TypeVar
 
+import torch
+
+from lowbit.kernels.cpu import extension
+
 logger = logging.getLogger(__name__)
 
 
@@ -20,6 +24,22 @@ class Backend(ABC):
     def can_implement(cls, *args: Any) -> str | None:
         """None if this backend can run the op for these arguments, else a short reason why not."""
         return None
+
+
+class CompiledCPU:
+    """Mixin of the backends that run the compiled CPU extension (kernels/cpu/): on CPU tensors,
+    where the extension could be built. Listed before the op's base class, so its constructor
+    keeps the op's (device, dtype) and adds `self.ops`."""
+
+    @classmethod
+    def can_implement(cls, device: torch.device, dtype: torch.dtype) -> str | None:
+        if device.type != "cpu":
+            return "CPU only"
+        return None if extension.load() is not None else "compiled CPU ops unavailable"
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(device, dtype)  # type: ignore[call-arg]  # the op's backend, next in the MRO
+        self.ops = extension.load()
 
 
 B = TypeVar("B", bound=Backend)

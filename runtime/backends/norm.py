@@ -12,12 +12,11 @@ from typing import ClassVar
 
 import torch
 
-from lowbit.kernels.cpu import extension
 from lowbit.kernels.rms_norm_ref import add_rms_norm_ref
 from lowbit.kernels.triton_support import triton_unavailable
 from lowbit.runtime.quant.w8a8 import QuantizedActivation
 
-from .base import Backend
+from .base import Backend, CompiledCPU
 
 
 class NormBackend(Backend):
@@ -72,18 +71,8 @@ class TritonNorm(NormBackend):
         return QuantizedActivation(xq, scale), residual
 
 
-class CompiledCPUNorm(NormBackend):
+class CompiledCPUNorm(CompiledCPU, NormBackend):
     name = "compiled-cpu"
-
-    @classmethod
-    def can_implement(cls, device, dtype):
-        if device.type != "cpu":
-            return "CPU only"
-        return None if extension.load() is not None else "compiled CPU ops unavailable"
-
-    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
-        super().__init__(device, dtype)
-        self.ops = extension.load()
 
     def add_rms_norm(self, x, residual, weight, eps, out_dtype):
         if residual is None or x.dim() != 2:  # the first norm (no residual yet to add to), or not rows
