@@ -22,21 +22,13 @@ from lowbit.runtime.kv_cache import LayerKVCache
 from lowbit.runtime.layers.attention_metadata import AttentionMetadata
 from lowbit.runtime.layers.rotary import apply_rotary
 
-from .base import Backend, CompiledCPU
+from .base import CompiledCPU, DeviceBackend
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 
 
-class AttentionBackend(Backend):
+class AttentionBackend(DeviceBackend):
     """One layer's attention step, after its qkv projection and before its o projection."""
-
-    @classmethod
-    def can_implement(cls, device: torch.device, dtype: torch.dtype) -> str | None:
-        return None
-
-    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
-        self.device = device
-        self.dtype = dtype
 
     @abstractmethod
     def forward(

@@ -26,10 +26,23 @@ class Backend(ABC):
         return None
 
 
-class CompiledCPU:
+class DeviceBackend(Backend):
+    """A backend of a model's op: chosen for, and constructed with, the engine's device and compute
+    dtype. Runs anywhere unless a subclass's rule says otherwise."""
+
+    @classmethod
+    def can_implement(cls, device: torch.device, dtype: torch.dtype) -> str | None:
+        return None
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.device = device
+        self.dtype = dtype
+
+
+class CompiledCPU(DeviceBackend):
     """Mixin of the backends that run the compiled CPU extension (kernels/cpu/): on CPU tensors,
-    where the extension could be built. Listed before the op's base class, so its constructor
-    keeps the op's (device, dtype) and adds `self.ops`."""
+    where the extension could be built. Listed before the op's base class (`class
+    CompiledCPUNorm(CompiledCPU, NormBackend)`), so its rule and `self.ops` come first."""
 
     @classmethod
     def can_implement(cls, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -38,7 +51,7 @@ class CompiledCPU:
         return None if extension.load() is not None else "compiled CPU ops unavailable"
 
     def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
-        super().__init__(device, dtype)  # type: ignore[call-arg]  # the op's backend, next in the MRO
+        super().__init__(device, dtype)
         self.ops = extension.load()
 
 

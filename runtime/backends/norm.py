@@ -16,22 +16,14 @@ from lowbit.kernels.rms_norm_ref import add_rms_norm_ref
 from lowbit.kernels.triton_support import triton_unavailable
 from lowbit.runtime.quant.w8a8 import QuantizedActivation
 
-from .base import Backend, CompiledCPU
+from .base import CompiledCPU, DeviceBackend
 
 
-class NormBackend(Backend):
+class NormBackend(DeviceBackend):
     """The model's norms, each called with its own weight, eps and output dtype."""
 
     # True if `add_rms_norm_quant` emits int8 rows + per-token scales for a consumer that takes them.
     quantizes: ClassVar[bool] = False
-
-    @classmethod
-    def can_implement(cls, device: torch.device, dtype: torch.dtype) -> str | None:
-        return None
-
-    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
-        self.device = device
-        self.dtype = dtype
 
     def add_rms_norm(
         self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
