@@ -119,7 +119,7 @@ class _GGUFWeights:
         except ValueError as e:
             raise ValueError(f"{self.gguf.path}: tensor {gguf_name!r}: {e}") from None
         self.gguf.release(gguf_name)
-        proj = name.split(".")[-2]
+        proj = name.split(".")[-2] if "." in name else None  # "rope_freqs" has no module part
         if proj in self.unpermute:
             index = self.unpermute[proj]
             dense = isinstance(weight, torch.Tensor)

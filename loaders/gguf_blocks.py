@@ -4,16 +4,22 @@
   Q4_1  {f16 d; f16 m; u8 qs[16]} x[j] = nibble_j * d + m       -> W4A16 g32, min = m
   Q8_0  {f16 d; i8 qs[32]}        x[j] = qs[j] * d              -> W8A16 g32
 In Q4 blocks, byte i holds element i in its low nibble and element i + 16 in its high nibble.
+
+Every other supported block type (Q5_0, Q5_1, Q2_K..Q6_K, IQ4_NL, IQ4_XS) has no exact form in
+those layouts at the same size (a Q4_K sub-block's 6-bit scale and min would widen to fp16 or fp32
+pairs per 32 weights, +11..33%), so its rows are kept as the file's bytes: the ggml scheme.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
 from lowbit.kernels.w4a16_matmul import pack_int4
-from lowbit.runtime.quant import QuantizedWeight, W4A16Config, W8A16Config
+from lowbit.runtime.quant import GGMLConfig, QuantizedWeight, W4A16Config, W8A16Config
+from lowbit.runtime.quant.ggml import TYPES as GGML_TYPES
 
 BLOCK = 32
 DENSE = {Q.F32: np.float32, Q.F16: np.float16}
@@ -63,7 +69,20 @@ def decode_dense(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> torch.Ten
     return torch.from_numpy(np.ascontiguousarray(raw).view(DENSE[qtype]).reshape(shape).astype(np.float32))
 
 
-QUANTIZED = {Q.Q4_0: decode_q4_0, Q.Q4_1: decode_q4_1, Q.Q8_0: decode_q8_0}
+def ggml_blocks(raw: np.ndarray, qtype: Q) -> QuantizedWeight:
+    """The rows' bytes, copied out of the file mapping (which is released after each tensor)."""
+    block, _ = GGML_QUANT_SIZES[qtype]
+    blocks = torch.from_numpy(np.array(raw, dtype=np.uint8, copy=True))
+    in_features = raw.shape[1] // GGML_QUANT_SIZES[qtype][1] * block
+    return QuantizedWeight(GGMLConfig(qtype.name), raw.shape[0], in_features, {"blocks": blocks})
+
+
+QUANTIZED = {
+    Q.Q4_0: decode_q4_0,
+    Q.Q4_1: decode_q4_1,
+    Q.Q8_0: decode_q8_0,
+    **{Q[name]: (lambda raw, qtype=Q[name]: ggml_blocks(raw, qtype)) for name in GGML_TYPES},
+}
 SUPPORTED = (Q.F32, Q.F16, Q.BF16, *QUANTIZED)
 
 

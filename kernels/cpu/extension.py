@@ -39,7 +39,14 @@ HERE = Path(__file__).parent
 CFLAGS = ["-O3", "-march=native", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-fopenmp"]
 
 # One extension from every source: the decode layer calls the GEMMs and the small ops directly.
-SOURCES = ("module.cpp", "norm_rotary.cpp", "attention.cpp", "gemm.cpp", "decode_layer.cpp")
+SOURCES = (
+    "module.cpp",
+    "norm_rotary.cpp",
+    "attention.cpp",
+    "gemm.cpp",
+    "ggml_blocks.cpp",
+    "decode_layer.cpp",
+)
 HEADER = "ops.h"
 
 

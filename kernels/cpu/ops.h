@@ -49,6 +49,10 @@ torch::Tensor int8_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, 
 torch::Tensor dequantize(torch::Tensor q, torch::Tensor scales, c10::optional<torch::Tensor> mins,
                          int64_t group_size, torch::ScalarType dtype, bool split);
 bool has_avx512();
+
+// ggml_blocks.cpp: GGUF block types (K-quants, Q5_0/Q5_1, IQ4) on the file's own bytes.
+torch::Tensor ggml_gemm(torch::Tensor x, torch::Tensor w, int64_t type);
+torch::Tensor ggml_dequantize(torch::Tensor w, int64_t k, int64_t type);
 bool has_amx();  // compiled in, and the kernel lets this process use the tiles
 
 // decode_layer.cpp: a whole decoder layer for steps where every sequence has one new token.

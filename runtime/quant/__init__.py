@@ -6,12 +6,14 @@ import torch
 
 from .base import PackedLinear, QuantConfig, QuantizedWeight, QuantLinearMethod
 from .dense import DenseConfig, DenseMethod, dense_weight
+from .ggml import GGMLConfig, GGMLMethod
 from .w4a16 import W4A16Config, W4A16Method
 from .w8a8 import W8A8Config, W8A8Method
 from .w8a16 import W8A16Config, W8A16Method
 
 _METHODS: dict[type[QuantConfig], type[QuantLinearMethod]] = {
     DenseConfig: DenseMethod,
+    GGMLConfig: GGMLMethod,
     W4A16Config: W4A16Method,
     W8A16Config: W8A16Method,
     W8A8Config: W8A8Method,
@@ -37,6 +39,7 @@ def pack_linear(weight: WeightLike, device: torch.device, dtype: torch.dtype) ->
 
 __all__ = [
     "DenseConfig",
+    "GGMLConfig",
     "PackedLinear",
     "QuantConfig",
     "QuantLinearMethod",

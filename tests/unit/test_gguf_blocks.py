@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType as Q
 
 from lowbit.loaders.gguf_blocks import decode_tensor
 from lowbit.loaders.gguf_file import read_gguf
-from lowbit.runtime.quant import QuantizedWeight, W4A16Config, W8A16Config, method_for
+from lowbit.runtime.quant import GGMLConfig, QuantizedWeight, W4A16Config, W8A16Config, method_for
 
 from .gguf_fixtures import reference_reader
 
@@ -102,19 +102,44 @@ def test_dense_types_match_gguf_dequantize(qtype, shape):
     assert_bitwise_equal(got, expected.reshape(shape))
 
 
-@pytest.mark.parametrize("qtype", [Q.Q5_0, Q.Q5_1], ids=lambda q: q.name)
-def test_unsupported_quantized_type_raises_naming_it(qtype):
-    raw = gguf.quants.quantize(np.ones((2, 64), np.float32), qtype)
-    with pytest.raises(ValueError, match=rf"tensor type {qtype.name} is not supported"):
-        decode_tensor(raw, qtype, (2, 64))
+UNSUPPORTED = [
+    Q.IQ1_S,
+    Q.IQ2_XXS,
+    Q.IQ2_S,
+    Q.IQ3_XXS,
+    Q.IQ3_S,
+    Q.TQ1_0,
+    Q.TQ2_0,
+    Q.MXFP4,
+    Q.Q8_1,
+    Q.F64,
+    Q.I8,
+]
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.IQ4_NL, Q.F64, Q.I8], ids=lambda q: q.name)
-def test_unsupported_type_from_raw_bytes_raises_naming_it(qtype):
+@pytest.mark.parametrize("qtype", UNSUPPORTED, ids=lambda q: q.name)
+def test_unsupported_type_raises_naming_it_and_the_supported_ones(qtype):
     block, type_size = GGML_QUANT_SIZES[qtype]
     raw = np.zeros((2, 256 // block * type_size), np.uint8)
-    with pytest.raises(ValueError, match=rf"tensor type {qtype.name} is not supported"):
+    with pytest.raises(
+        ValueError, match=rf"tensor type {qtype.name} is not supported \(supported: .*Q4_K.*IQ4_XS"
+    ):
         decode_tensor(raw, qtype, (2, 256))
+
+
+GGML_TYPES = [Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS]
+
+
+@pytest.mark.parametrize("qtype", GGML_TYPES, ids=lambda q: q.name)
+def test_other_block_types_are_kept_as_the_files_bytes(qtype):
+    """No conversion at load: the weight is the rows' bytes, so it costs the file's tensor bytes."""
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    raw = np.random.default_rng(int(qtype)).integers(0, 256, (3, 512 // block * type_size), dtype=np.uint8)
+    w = decode_tensor(raw, qtype, (3, 512))
+    assert isinstance(w, QuantizedWeight) and w.config == GGMLConfig(qtype.name)
+    assert (w.out_features, w.in_features) == (3, 512)
+    method_for(w.config).check(w)
+    assert np.array_equal(w.tensors["blocks"].numpy(), raw)
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q8_0], ids=lambda q: q.name)

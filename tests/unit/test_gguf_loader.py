@@ -208,7 +208,7 @@ def test_typed_weights_have_hf_row_order(tmp_path, qtypes, shape):
         np.testing.assert_array_equal(_dense(got), expected[gguf_name], err_msg=hf)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q5_0, Q.Q5_1, Q.IQ4_NL], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q8_1, Q.MXFP4], ids=lambda q: q.name)
 def test_unsupported_tensor_type_raises_naming_tensor_and_type(tmp_path, qtype):
     path = tmp_path / "odd.gguf"
     spec = TinyLlama()

@@ -1,0 +1,69 @@
+"""GGUF block types on CPU (kernels/cpu/ggml_blocks.cpp): the file's bytes are the packed weight.
+
+Q5_0, Q5_1, IQ4_NL (blocks of 32) and the K-quants Q2_K..Q6_K and IQ4_XS (super-blocks of 256)
+keep the layout kernels/ggml_blocks_ref.py defines, uint8 [N, row_bytes], so a weight costs
+exactly its tensor bytes in the file. Up to DENSE_ROWS activation rows run the blocked GEMM, which
+decodes each block once per call; from there on the weight is dequantized a chunk of rows at a
+time and multiplied by torch's dense fp32 matmul, where the decode is paid once for many rows.
+Reference: ggml_blocks_ref.ggml_matmul_ref (tests/kernels/test_ggml_blocks.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from gguf import GGMLQuantizationType
+
+from lowbit.kernels.cpu import extension
+
+TYPES = ("Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
+
+# Activation rows from which the dense path takes over (see the module docstring).
+DENSE_ROWS = 32
+# Weight rows dequantized at a time on the dense path: bounds the fp32 temporary (~4 MiB at K=2048).
+DENSE_CHUNK_BYTES = 4 << 20
+
+
+def supports(name: str) -> str | None:
+    """None if the compiled kernel runs this type, else why not."""
+    if name not in TYPES:
+        return f"no CPU kernel for {name}"
+    if extension.load() is None:
+        return "compiled CPU ops unavailable"
+    return None
+
+
+def _type_id(name: str) -> int:
+    return GGMLQuantizationType[name].value
+
+
+def dequantize(blocks: torch.Tensor, in_features: int, name: str) -> torch.Tensor:
+    """uint8 [N, row_bytes] -> fp32 [N, K], equal to gguf-py's values."""
+    return extension.load().ggml_dequantize(blocks.contiguous(), in_features, _type_id(name))
+
+
+def gemm(x: torch.Tensor, blocks: torch.Tensor, name: str, dense: bool | None = None) -> torch.Tensor:
+    """x [..., K] -> [..., N] in x's dtype. dense: force (True) or forbid (False) the dense path;
+    by default it runs from DENSE_ROWS rows on (tests run both at every size)."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if dense is None:
+        dense = x2.shape[0] >= DENSE_ROWS
+    if dense:
+        y = _dense_gemm(x2.float(), blocks, name)
+    else:
+        y = extension.load().ggml_gemm(x2, blocks, _type_id(name))
+    return y.to(x.dtype).reshape(*lead, -1)
+
+
+def _dense_gemm(x: torch.Tensor, blocks: torch.Tensor, name: str) -> torch.Tensor:
+    """fp32 x [M, K] @ dequantize(W).T, dequantizing the weight in row chunks."""
+    n, k = blocks.shape[0], x.shape[1]
+    step = max(1, DENSE_CHUNK_BYTES // (4 * k))
+    out = x.new_empty(x.shape[0], n)
+    for start in range(0, n, step):
+        w = dequantize(blocks[start : start + step], k, name)  # fp32 [<=step, K]
+        if step >= n:  # the whole weight at once: write the output in place
+            torch.mm(x, w.t(), out=out)
+        else:
+            out[:, start : start + w.shape[0]] = torch.mm(x, w.t())
+    return out

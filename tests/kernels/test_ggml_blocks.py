@@ -1,0 +1,126 @@
+"""GGUF block types on CPU (kernels/cpu/ggml_blocks.cpp) on real tensors written by llama.cpp's own
+quantizer (tests/data/gguf/llama3: every type in the 12 presets of a tiny Llama 3).
+
+- dequantize: equal to gguf-py's `gguf.quants.dequantize` bit for bit (llama.cpp's Python port).
+- GEMM: against fp64 dequantize-then-matmul, on the blocked path and the dense path at every row
+  count, odd output counts and inner sizes of one block up to the whole row.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from lowbit.kernels.cpu import extension
+from lowbit.kernels.cpu import ggml as cpu_ggml
+from lowbit.kernels.ggml_blocks_ref import dequantize_ref, ggml_matmul_ref, in_features
+from lowbit.loaders.gguf_file import read_gguf
+
+FIXTURES = Path(__file__).parents[1] / "data" / "gguf" / "llama3"
+pytestmark = pytest.mark.skipif(
+    extension.load() is None, reason="no C++ compiler: the torch kernels are used instead"
+)
+ROWS = [1, 2, 7, 8, 16, 64, 300]
+
+
+@cache
+def tensors_of(name: str) -> list[tuple[str, torch.Tensor]]:
+    """(where, uint8 [N, row_bytes]) of every 2-D tensor of type `name` in the fixtures."""
+    found = []
+    for path in sorted(FIXTURES.glob("*.gguf")):
+        gguf = read_gguf(path)
+        for info in gguf.tensors.values():
+            if info.qtype.name == name and len(info.shape) == 2:
+                found.append(
+                    (f"{path.name}:{info.name}", torch.from_numpy(gguf.tensor_bytes(info.name).copy()))
+                )
+    return found
+
+
+def test_fixtures_cover_every_type():
+    """Guard: the tests below see every type the kernels claim (more than one tensor each)."""
+    assert {name: len(tensors_of(name)) >= 2 for name in cpu_ggml.TYPES} == dict.fromkeys(
+        cpu_ggml.TYPES, True
+    )
+
+
+@pytest.mark.parametrize("name", cpu_ggml.TYPES)
+def test_dequantize_equals_gguf_bit_for_bit(name):
+    for where, blocks in tensors_of(name):
+        got = cpu_ggml.dequantize(blocks, in_features(name, blocks.shape[1]), name).numpy()
+        expected = dequantize_ref(blocks, name).numpy()
+        assert got.shape == expected.shape, where
+        if not np.array_equal(got.view(np.uint32), expected.view(np.uint32)):
+            np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32), err_msg=where)
+
+
+def _cases(name: str) -> list[tuple[torch.Tensor, str]]:
+    """Weights cut from a real tensor: an odd number of rows, and inner sizes of one block, an odd
+    number of blocks, and the whole row."""
+    where, blocks = max(tensors_of(name), key=lambda t: t[1].shape[1])
+    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[name]]
+    n_blocks = blocks.shape[1] // type_size
+    cuts = sorted({1, max(1, n_blocks // 2) | 1, n_blocks})
+    return [(blocks[:37, : c * type_size].contiguous(), f"{where} N=37 K={c * block}") for c in cuts]
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["blocked", "dense"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", cpu_ggml.TYPES)
+def test_gemm_matches_dequantize_then_matmul(name, dtype, dense):
+    gen = torch.Generator().manual_seed(7)
+    for blocks, what in _cases(name):
+        k = in_features(name, blocks.shape[1])
+        for m in ROWS:
+            x = torch.randn(m, k, generator=gen).to(dtype)
+            got = cpu_ggml.gemm(x, blocks, name, dense=dense)
+            assert got.dtype == dtype and got.shape == (m, blocks.shape[0])
+            expected = ggml_matmul_ref(x.float(), blocks, name)
+            # fp32 products and sums in another order: relative to the size of the terms summed.
+            scale = x.float().abs().double() @ dequantize_ref(blocks, name).abs().double().T
+            bound = (1e-5 if dtype == torch.float32 else 8e-3) * (scale + scale.max() * 1e-3)
+            err = (got.double() - expected).abs()
+            assert (err <= bound).all(), f"{what} M={m}: max error {err.max():.3g}"
+
+
+def test_gemm_leading_dims_and_row_order():
+    """[..., K] inputs keep their leading dims; output column n is weight row n."""
+    blocks = tensors_of("Q4_K")[0][1][:48]
+    k = in_features("Q4_K", blocks.shape[1])
+    x = torch.randn(2, 3, k)
+    got = cpu_ggml.gemm(x, blocks, "Q4_K")
+    assert got.shape == (2, 3, 48)
+    flipped = cpu_ggml.gemm(x, blocks.flip(0).contiguous(), "Q4_K")
+    torch.testing.assert_close(flipped, got.flip(-1), rtol=0, atol=0)
+
+
+def test_wrong_row_bytes_is_refused():
+    blocks = tensors_of("Q6_K")[0][1]
+    with pytest.raises(RuntimeError, match="does not hold"):
+        cpu_ggml.gemm(torch.randn(1, 512), blocks, "Q6_K")
+
+
+@pytest.mark.parametrize("name", ["Q6_K", "IQ4_NL", "Q5_1"])
+def test_embedding_rows_gathered_from_the_packed_table(name):
+    """A tied table: the embedding reads its rows from the vocabulary projection's packed blocks
+    (no copy of its own) and they equal gguf-py's dequantized rows."""
+    from lowbit.runtime.layers.embedding import Embedding
+    from lowbit.runtime.layers.linear import Linear
+    from lowbit.runtime.quant import GGMLConfig, QuantizedWeight
+
+    blocks = tensors_of(name)[0][1]
+    table = QuantizedWeight(
+        GGMLConfig(name), blocks.shape[0], in_features(name, blocks.shape[1]), {"blocks": blocks}
+    )
+    cpu = torch.device("cpu")
+    embedding, head = Embedding(table, cpu), Linear(table, cpu, torch.float32)
+    embedding.share(head.packed)
+    assert embedding.nbytes() == 0 and head.packed.nbytes() == blocks.numel()
+    ids = torch.tensor([3, 0, blocks.shape[0] - 1, 3])
+    expected = dequantize_ref(blocks, name)[ids]
+    assert torch.equal(embedding(ids), expected)
