@@ -78,10 +78,11 @@ def ggml_blocks(raw: np.ndarray, qtype: Q) -> QuantizedWeight:
 
 
 QUANTIZED = {
+    **{Q[name]: (lambda raw, qtype=Q[name]: ggml_blocks(raw, qtype)) for name in GGML_TYPES},
+    # Exact in the W4A16/W8A16 layouts, whose kernels have AVX-512 and AMX paths.
     Q.Q4_0: decode_q4_0,
     Q.Q4_1: decode_q4_1,
     Q.Q8_0: decode_q8_0,
-    **{Q[name]: (lambda raw, qtype=Q[name]: ggml_blocks(raw, qtype)) for name in GGML_TYPES},
 }
 SUPPORTED = (Q.F32, Q.F16, Q.BF16, *QUANTIZED)
 

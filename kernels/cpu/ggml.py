@@ -1,10 +1,18 @@
 """GGUF block types on CPU (kernels/cpu/ggml_blocks.cpp): the file's bytes are the packed weight.
 
-Q5_0, Q5_1, IQ4_NL (blocks of 32) and the K-quants Q2_K..Q6_K and IQ4_XS (super-blocks of 256)
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL (blocks of 32) and the K-quants Q2_K..Q6_K and IQ4_XS
+(super-blocks of 256)
 keep the layout kernels/ggml_blocks_ref.py defines, uint8 [N, row_bytes], so a weight costs
 exactly its tensor bytes in the file. Up to DENSE_ROWS activation rows run the blocked GEMM, which
 decodes each block once per call; from there on the weight is dequantized a chunk of rows at a
 time and multiplied by torch's dense fp32 matmul, where the decode is paid once for many rows.
+
+The blocked GEMM has two arithmetics. fp32 activations get fp32 products (only the summation
+order differs from dequantize-then-matmul). bf16/fp16 activations, the fast mode, are quantized to
+int8 per 32 (one fp32 scale each, as llama.cpp's Q8 activations) and meet the weights' small
+integers in integer dot products (AVX2 maddubs): 3-8x less work per weight than converting each
+weight to fp32, which is what makes decode memory-bound. Its error is that of rounding each
+activation to 1/254 of its block's largest (tests bound it exactly).
 Reference: ggml_blocks_ref.ggml_matmul_ref (tests/kernels/test_ggml_blocks.py).
 """
 
@@ -15,7 +23,7 @@ from gguf import GGMLQuantizationType
 
 from lowbit.kernels.cpu import extension
 
-TYPES = ("Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
+TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
 
 # Activation rows from which the dense path takes over (see the module docstring).
 DENSE_ROWS = 32
@@ -41,17 +49,27 @@ def dequantize(blocks: torch.Tensor, in_features: int, name: str) -> torch.Tenso
     return extension.load().ggml_dequantize(blocks.contiguous(), in_features, _type_id(name))
 
 
-def gemm(x: torch.Tensor, blocks: torch.Tensor, name: str, dense: bool | None = None) -> torch.Tensor:
+def gemm(
+    x: torch.Tensor,
+    blocks: torch.Tensor,
+    name: str,
+    dense: bool | None = None,
+    int8_activations: bool | None = None,
+    portable: bool = False,
+) -> torch.Tensor:
     """x [..., K] -> [..., N] in x's dtype. dense: force (True) or forbid (False) the dense path;
-    by default it runs from DENSE_ROWS rows on (tests run both at every size)."""
+    by default it runs from DENSE_ROWS rows on. int8_activations: by default for 16-bit x.
+    portable: the plain C++ loops instead of AVX2 (tests run every path at every size)."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     if dense is None:
         dense = x2.shape[0] >= DENSE_ROWS
+    if int8_activations is None:
+        int8_activations = x.dtype != torch.float32
     if dense:
         y = _dense_gemm(x2.float(), blocks, name)
     else:
-        y = extension.load().ggml_gemm(x2, blocks, _type_id(name))
+        y = extension.load().ggml_gemm(x2, blocks, _type_id(name), int8_activations, portable)
     return y.to(x.dtype).reshape(*lead, -1)
 
 

@@ -12,6 +12,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_gemm", &ops::int8_gemm, "x @ W.T for group-quantized symmetric int8 W in kernels/cpu/gemm.py's block layout");
   m.def("dequantize", &ops::dequantize, "the dense [N, K] weight of one packed by kernels/cpu/gemm.py");
   m.def("ggml_gemm", &ops::ggml_gemm, "fp32 x @ W.T for W in GGUF blocks (uint8 [N, row_bytes]) of a ggml type id");
+  m.def("ggml_has_avx2", &ops::ggml_has_avx2, "whether the GGUF block GEMM's AVX2 path was compiled in");
   m.def("ggml_dequantize", &ops::ggml_dequantize, "fp32 [N, K] of GGUF blocks, equal to gguf-py's dequantize");
   m.def("has_avx512", &ops::has_avx512, "whether the AVX-512 GEMM path was compiled in");
   m.def("has_amx", &ops::has_amx, "whether GEMMs of 2+ bf16 or fp16 rows run on AMX tiles");

@@ -51,7 +51,8 @@ torch::Tensor dequantize(torch::Tensor q, torch::Tensor scales, c10::optional<to
 bool has_avx512();
 
 // ggml_blocks.cpp: GGUF block types (K-quants, Q5_0/Q5_1, IQ4) on the file's own bytes.
-torch::Tensor ggml_gemm(torch::Tensor x, torch::Tensor w, int64_t type);
+torch::Tensor ggml_gemm(torch::Tensor x, torch::Tensor w, int64_t type, bool int8_activations, bool portable);
+bool ggml_has_avx2();
 torch::Tensor ggml_dequantize(torch::Tensor w, int64_t k, int64_t type);
 bool has_amx();  // compiled in, and the kernel lets this process use the tiles
 

@@ -69,23 +69,62 @@ def _cases(name: str) -> list[tuple[torch.Tensor, str]]:
     return [(blocks[:37, : c * type_size].contiguous(), f"{where} N=37 K={c * block}") for c in cuts]
 
 
-@pytest.mark.parametrize("dense", [False, True], ids=["blocked", "dense"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+PATHS = [pytest.param(False, id="avx2"), pytest.param(True, id="portable")]
+
+
+def _int8_rounding_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Worst case of rounding each activation to the nearest multiple of its 32-block's scale
+    (amax / 127): half a scale step times sum |w| over the block, summed over blocks. [M, N]"""
+    steps = x.reshape(x.shape[0], -1, 32).abs().amax(-1) / 127  # [M, K/32]
+    half_step = (steps / 2).repeat_interleave(32, dim=1)  # [M, K]
+    return half_step.double() @ w.abs().double().T
+
+
+@pytest.mark.parametrize("portable", PATHS)
+@pytest.mark.parametrize("arithmetic", ["fp32", "int8"])
 @pytest.mark.parametrize("name", cpu_ggml.TYPES)
-def test_gemm_matches_dequantize_then_matmul(name, dtype, dense):
+def test_blocked_gemm_matches_dequantize_then_matmul(name, arithmetic, portable):
     gen = torch.Generator().manual_seed(7)
     for blocks, what in _cases(name):
-        k = in_features(name, blocks.shape[1])
+        k, w = in_features(name, blocks.shape[1]), dequantize_ref(blocks, name)
         for m in ROWS:
-            x = torch.randn(m, k, generator=gen).to(dtype)
+            x = torch.randn(m, k, generator=gen)
+            x[0, :32] *= 50  # one large block: its scale must not leak into the others
+            int8 = arithmetic == "int8"
+            got = cpu_ggml.gemm(x, blocks, name, dense=False, int8_activations=int8, portable=portable)
+            assert got.dtype == torch.float32 and got.shape == (m, blocks.shape[0])
+            expected = ggml_matmul_ref(x, blocks, name)
+            # fp32 products and sums in another order: relative to the size of the terms summed.
+            terms = x.abs().double() @ w.abs().double().T
+            bound = 1e-5 * (terms + terms.max() * 1e-3)
+            if int8:
+                bound = bound + _int8_rounding_bound(x, w) * (1 + 1e-4)
+            err = (got.double() - expected).abs()
+            assert (err <= bound).all(), f"{what} M={m}: max error {err.max():.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", cpu_ggml.TYPES)
+def test_dense_gemm_and_default_dispatch(name, dtype):
+    """From DENSE_ROWS rows the weight is dequantized and multiplied in fp32; below, 16-bit
+    activations take the int8 arithmetic. bf16 output rounding (2^-9) bounds both."""
+    gen = torch.Generator().manual_seed(11)
+    blocks, what = _cases(name)[-1]
+    k, w = in_features(name, blocks.shape[1]), dequantize_ref(blocks, name)
+    for m in ROWS:
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        for dense in (True, None):
             got = cpu_ggml.gemm(x, blocks, name, dense=dense)
             assert got.dtype == dtype and got.shape == (m, blocks.shape[0])
             expected = ggml_matmul_ref(x.float(), blocks, name)
-            # fp32 products and sums in another order: relative to the size of the terms summed.
-            scale = x.float().abs().double() @ dequantize_ref(blocks, name).abs().double().T
-            bound = (1e-5 if dtype == torch.float32 else 8e-3) * (scale + scale.max() * 1e-3)
+            terms = x.float().abs().double() @ w.abs().double().T
+            bound = 1e-5 * (terms + terms.max() * 1e-3)
+            if dtype == torch.bfloat16:
+                bound = bound + expected.abs() * 2**-8
+                if not dense and m < cpu_ggml.DENSE_ROWS:
+                    bound = bound + _int8_rounding_bound(x.float(), w) * (1 + 1e-4)
             err = (got.double() - expected).abs()
-            assert (err <= bound).all(), f"{what} M={m}: max error {err.max():.3g}"
+            assert (err <= bound).all(), f"{what} M={m} dense={dense}: max error {err.max():.3g}"
 
 
 def test_gemm_leading_dims_and_row_order():

@@ -30,10 +30,12 @@ KV_MEMORY = 8 << 20
 # max 8.1e-6 over the 12 presets (docs/accuracy.md).
 EXACT_MAX = 5e-5
 # Against llama.cpp: its 8-bit activations put its own logits 0.08-0.14 (max) from the exact
-# reference (README of the fixtures); ours are within the same distance plus our own rounding.
-# Measured: fp32 max 0.141, mean 0.023; bf16 max 0.156, mean 0.024 (the Q2_K file).
+# reference (README of the fixtures). fp32 mode sits at that distance; bf16 mode quantizes
+# activations to int8 too, but per 32 where llama.cpp's K-quant dots use blocks of 256, so the two
+# roundings add. Measured over the 12 presets: fp32 max 0.141, mean 0.023 (Q2_K); bf16 max 0.166
+# (Q4_K_M), mean 0.029 (Q2_K).
 LLAMACPP_MAX = {"float32": 0.2, "bfloat16": 0.22}
-LLAMACPP_MEAN = {"float32": 0.035, "bfloat16": 0.035}
+LLAMACPP_MEAN = {"float32": 0.035, "bfloat16": 0.04}
 
 
 @cache
@@ -52,22 +54,25 @@ def logits(preset: str, dtype: str) -> torch.Tensor:
 
 
 def test_every_preset_is_shipped():
-    assert sorted(
-        [
-            "IQ4_NL",
-            "IQ4_XS",
-            "Q2_K",
-            "Q3_K_M",
-            "Q4_0",
-            "Q4_1",
-            "Q4_K_M",
-            "Q5_0",
-            "Q5_1",
-            "Q5_K_M",
-            "Q6_K",
-            "Q8_0",
-        ]
-    ) == PRESETS
+    assert (
+        sorted(
+            [
+                "IQ4_NL",
+                "IQ4_XS",
+                "Q2_K",
+                "Q3_K_M",
+                "Q4_0",
+                "Q4_1",
+                "Q4_K_M",
+                "Q5_0",
+                "Q5_1",
+                "Q5_K_M",
+                "Q6_K",
+                "Q8_0",
+            ]
+        )
+        == PRESETS
+    )
 
 
 @pytest.mark.parametrize("preset", PRESETS)
