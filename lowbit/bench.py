@@ -43,6 +43,21 @@ def _prompt_ids(tokenizer_encode, count: int) -> list[int]:
     return tokenizer_encode(standard_text("wiki")[: count * 8])[:count]
 
 
+def _kernels(llm) -> dict[str, str]:
+    """Which kernel runs each weight scheme of the loaded model, e.g. {"ggml Q6_K": "cpu-ggml (14)"}."""
+    from collections import Counter
+
+    from lowbit.runtime.layers.linear import Linear
+
+    seen: Counter = Counter()
+    for module in llm.engine.model.modules():
+        if isinstance(module, Linear):
+            config = module.packed.kernel.config
+            label = f"{config.name} {getattr(config, 'qtype', '')}".strip()
+            seen[(label, module.packed.kernel.name)] += 1
+    return {label: f"{kernel} ({count})" for (label, kernel), count in sorted(seen.items())}
+
+
 def _lowbit(model: str | None, kv: str, prompt_tokens: int, tokens: int, threads: int) -> dict:
     from lowbit import LLM, SamplingParams
     from lowbit.runtime.config import EngineConfig
@@ -72,7 +87,7 @@ def _lowbit(model: str | None, kv: str, prompt_tokens: int, tokens: int, threads
     outputs = llm.generate(prompts, params)
     streams = sum(len(o.outputs[0].token_ids) for o in outputs) / (time.perf_counter() - start)
     return {"load_s": load, "rss_mib": rss / 1024, "prefill_tok_s": prefill, "decode_tok_s": decode,
-            "decode_8_streams_tok_s": streams}  # fmt: skip
+            "decode_8_streams_tok_s": streams, "kernels": _kernels(llm)}  # fmt: skip
 
 
 def _hf(model: str | None, prompt_tokens: int, tokens: int, threads: int) -> dict:
@@ -165,6 +180,7 @@ def run(
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise ValueError(f"{engine} failed: {last}")
         results[engine] = json.loads(done.stdout.strip().splitlines()[-1])
+    _print_types(model)
     _print_table(results)
     return results
 
@@ -185,7 +201,37 @@ def main() -> None:
     run(args.model, args.engines, args.tokens, args.prompt_tokens, args.threads)
 
 
+def _print_types(model: str | None) -> None:
+    """The file's tensor types with their bits per weight and bytes."""
+    from collections import Counter
+
+    from gguf import GGML_QUANT_SIZES
+
+    from lowbit.loaders.default_model import default_model_path
+    from lowbit.loaders.gguf_file import read_gguf
+
+    path = default_model_path() if model is None else Path(model)
+    if path.suffix != ".gguf":
+        return
+    tensors = list(read_gguf(path).tensors.values())
+    count, size = Counter(t.qtype for t in tensors), Counter()
+    for t in tensors:
+        size[t.qtype] += t.nbytes
+    print(f"{path.name}: tensor types")
+    print(f"  {'type':<8} {'tensors':>7} {'bits/weight':>11} {'MiB':>8}")
+    for qtype in sorted(count, key=lambda q: -size[q]):
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        bits = 8 * type_size / block
+        print(f"  {qtype.name:<8} {count[qtype]:>7} {bits:>11.4g} {size[qtype] / 2**20:>8.1f}")
+
+
 def _print_table(results: dict[str, dict]) -> None:
+    for engine, r in results.items():
+        if "kernels" in r:
+            print(
+                f"{engine} kernels: "
+                + ", ".join(f"{label} -> {kernel}" for label, kernel in r["kernels"].items())
+            )
     peers = [p for p in ("llama.cpp", "hf-transformers") if p in results]
     header = f"{'engine':<16} {'load s':>7} {'RSS MiB':>8} {'peak MiB':>9} "
     header += f"{'prefill tok/s':>14} {'decode tok/s':>13} {'8 streams tok/s':>16}"
