@@ -89,8 +89,9 @@ torch::Tensor argmax_rows(torch::Tensor logits) {
 }
 
 DecodeLayer::DecodeLayer(torch::Tensor input_norm, torch::Tensor post_norm, double eps,
-                         std::vector<std::vector<torch::Tensor>> projections, std::vector<int64_t> group_sizes,
-                         int64_t num_heads, int64_t kv_heads, double scale, torch::ScalarType dtype)
+                         std::vector<std::vector<torch::Tensor>> parts, std::vector<int64_t> codes,
+                         std::vector<int64_t> parts_per_projection, int64_t num_heads, int64_t kv_heads,
+                         double scale, torch::ScalarType dtype)
     : input_norm_(std::move(input_norm)),
       post_norm_(std::move(post_norm)),
       eps_(eps),
@@ -98,19 +99,34 @@ DecodeLayer::DecodeLayer(torch::Tensor input_norm, torch::Tensor post_norm, doub
       kv_heads_(kv_heads),
       scale_(scale),
       dtype_(dtype) {
-  TORCH_CHECK(projections.size() == 4 && group_sizes.size() == 4,
-              "projections: expected qkv, o, gate_up, down with a group size each");
-  for (const auto& packed : projections)
-    TORCH_CHECK(packed.size() == 2 || packed.size() == 3, "a projection is [q, scales] or [q, scales, mins]");
-  qkv_ = {projections[0], group_sizes[0]};
-  o_ = {projections[1], group_sizes[1]};
-  gate_up_ = {projections[2], group_sizes[2]};
-  down_ = {projections[3], group_sizes[3]};
+  TORCH_CHECK(parts_per_projection.size() == 4, "projections: expected qkv, o, gate_up, down");
+  TORCH_CHECK(parts.size() == codes.size(), "one code per projection part");
+  std::vector<Projection*> order = {&qkv_, &o_, &gate_up_, &down_};
+  size_t next = 0;
+  for (size_t p = 0; p < 4; ++p) {
+    for (int64_t i = 0; i < parts_per_projection[p]; ++i, ++next) {
+      TORCH_CHECK(next < parts.size(), "fewer projection parts than counted");
+      const auto& packed = parts[next];
+      TORCH_CHECK(codes[next] < 0 ? packed.size() == 1 : packed.size() == 2 || packed.size() == 3,
+                  "a part is [blocks] (ggml) or [q, scales] or [q, scales, mins]");
+      order[p]->parts.push_back({packed, codes[next]});
+    }
+    TORCH_CHECK(!order[p]->parts.empty(), "a projection needs at least one part");
+  }
+  TORCH_CHECK(next == parts.size(), "more projection parts than counted");
+}
+
+torch::Tensor DecodeLayer::Part::operator()(const torch::Tensor& x, torch::ScalarType dtype) const {
+  if (code < 0) return ggml_gemm(x, packed[0], -code, dtype != torch::kFloat, false).to(dtype);
+  return packed.size() == 3 ? int4_gemm(x, packed[0], packed[1], packed[2], code, dtype, false)
+                            : int8_gemm(x, packed[0], packed[1], code, dtype, false);
 }
 
 torch::Tensor DecodeLayer::Projection::operator()(const torch::Tensor& x, torch::ScalarType dtype) const {
-  return packed.size() == 3 ? int4_gemm(x, packed[0], packed[1], packed[2], group_size, dtype, false)
-                            : int8_gemm(x, packed[0], packed[1], group_size, dtype, false);
+  if (parts.size() == 1) return parts[0](x, dtype);
+  std::vector<torch::Tensor> outputs;
+  for (const auto& part : parts) outputs.push_back(part(x, dtype));
+  return torch::cat(outputs, -1);
 }
 
 torch::Tensor DecodeLayer::forward(c10::optional<torch::Tensor> x, torch::Tensor residual, torch::Tensor cos,

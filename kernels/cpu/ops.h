@@ -68,12 +68,16 @@ namespace lowbit_cpu {
 // the ops of runtime/models/llama.py DecoderLayer, with the same roundings, called from C++ so
 // that the ~25 torch dispatches and Python frames between them (~180 us a layer measured at one
 // token, against ~250 us in the layer's GEMMs) are gone. Built once per layer at load, from weights
-// packed for kernels/cpu/gemm.py: each projection is [q, scales] (int8) or [q, scales, mins] (int4).
+// packed for kernels/cpu/gemm.py or kept as GGUF blocks (kernels/cpu/ggml.py).
 class DecodeLayer {
  public:
+  // Each projection (qkv, o, gate_up, down, in that order) is parts_per_projection[p] consecutive
+  // parts whose outputs are concatenated; a part is [q, scales] (int8) or [q, scales, mins] (int4)
+  // with its group size as code, or [blocks] of GGUF blocks with code -ggml_type.
   DecodeLayer(torch::Tensor input_norm, torch::Tensor post_norm, double eps,
-              std::vector<std::vector<torch::Tensor>> projections, std::vector<int64_t> group_sizes,
-              int64_t num_heads, int64_t kv_heads, double scale, torch::ScalarType dtype);
+              std::vector<std::vector<torch::Tensor>> parts, std::vector<int64_t> codes,
+              std::vector<int64_t> parts_per_projection, int64_t num_heads, int64_t kv_heads, double scale,
+              torch::ScalarType dtype);
 
   // x: the previous layer's output [T, hidden] (none for the first layer, whose input is already in
   // residual); residual fp32 [T, hidden], updated in place. Returns this layer's output [T, hidden].
@@ -83,9 +87,13 @@ class DecodeLayer {
                         torch::Tensor slots, torch::Tensor block_tables, torch::Tensor context_lens) const;
 
  private:
-  struct Projection {
+  struct Part {
     std::vector<torch::Tensor> packed;
-    int64_t group_size;
+    int64_t code;  // group size, or -ggml_type for GGUF blocks
+    torch::Tensor operator()(const torch::Tensor& x, torch::ScalarType dtype) const;
+  };
+  struct Projection {
+    std::vector<Part> parts;
     torch::Tensor operator()(const torch::Tensor& x, torch::ScalarType dtype) const;
   };
   torch::Tensor input_norm_, post_norm_;

@@ -7,9 +7,11 @@ torch dispatch, small allocations) as in them: measured ~180 us a layer for the 
 layers on 2 threads, against ~250 us in its GEMMs. The compiled layer runs the same ops as the
 eager DecoderLayer with the compiled-cpu attention and norm backends, with the same roundings
 (tests/model/test_cpu_ops_engine.py compares the two). It can run a model whose every projection is
-computed by a kernel that hands it its packed tensors (`LinearKernel.compiled_layer_operands`:
+computed by kernels that hand it their packed tensors (`LinearKernel.compiled_layer_operands`:
 the group-quantized CPU GEMMs of kernels/cpu/gemm.py, which GGUF, GPTQ and AWQ int4 and Q8_0
-weights pick on CPU).
+weights pick on CPU, and the GGUF block GEMM of kernels/cpu/ggml.py). A projection whose parts
+could not be fused (a K-quant mix such as Q4_K q/k with a Q6_K v) runs as several GEMMs inside the
+compiled layer.
 """
 
 from __future__ import annotations
@@ -60,15 +62,17 @@ class EagerLayers(LayerPath):
         return hidden, residual
 
 
-def _operands(projection: Any) -> tuple[list[torch.Tensor], int] | str:
-    """(packed tensors, group size) of a Linear/FusedLinear computed in one compiled GEMM call, else
-    why not."""
-    parts = getattr(projection, "parts", [projection])
-    if len(parts) != 1:
-        return f"{len(parts)} separate kernel calls"
-    packed = parts[0].packed
-    operands = packed.kernel.compiled_layer_operands(packed.tensors, packed.in_features)
-    return operands if operands is not None else f"its {packed.kernel.name} weights"
+def _operands(projection: Any) -> list[tuple[list[torch.Tensor], int]] | str:
+    """(packed tensors, code) of each GEMM of a Linear/FusedLinear, else why it cannot run in the
+    compiled layer."""
+    operands = []
+    for part in getattr(projection, "parts", [projection]):
+        packed = part.packed
+        found = packed.kernel.compiled_layer_operands(packed.tensors, packed.in_features)
+        if found is None:
+            return f"its {packed.kernel.name} weights"
+        operands.append(found)
+    return operands
 
 
 def _projections(layer: Any) -> dict[str, Any]:
@@ -102,10 +106,11 @@ class CompiledCPULayers(LayerPath):
         self.layers = []
         for layer in layers:
             attn, norms = layer.self_attn, (layer.input_layernorm, layer.post_attention_layernorm)
-            packed, group_sizes = zip(*(_operands(p) for p in _projections(layer).values()), strict=True)
+            projections = [_operands(p) for p in _projections(layer).values()]
+            parts = [part for projection in projections for part in projection]
             self.layers.append(ops.DecodeLayer(
-                norms[0].weight, norms[1].weight, norms[0].eps, list(packed), list(group_sizes),
-                attn.num_heads, attn.num_kv_heads, attn.scale, dtype,
+                norms[0].weight, norms[1].weight, norms[0].eps, [t for t, _ in parts], [c for _, c in parts],
+                [len(p) for p in projections], attn.num_heads, attn.num_kv_heads, attn.scale, dtype,
             ))  # fmt: skip
 
     def __call__(self, hidden, rope, kv_caches, meta):

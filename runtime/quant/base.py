@@ -130,9 +130,10 @@ class LinearKernel(ABC):
     def compiled_layer_operands(
         self, packed: Mapping[str, torch.Tensor], in_features: int
     ) -> tuple[list[torch.Tensor], int] | None:
-        """(packed tensors, group size) in the order the compiled CPU decode layer reads a projection
-        (kernels/cpu/decode_layer.cpp: [q, scales] for int8, [q, scales, mins] for int4), or None
-        where it cannot compute this kernel's weights (runtime/layers/decode_layer.py)."""
+        """(packed tensors, code) in the order the compiled CPU decode layer reads a projection
+        (kernels/cpu/decode_layer.cpp: [q, scales] for int8 and [q, scales, mins] for int4 with the
+        group size as code; [blocks] with -ggml_type for GGUF blocks), or None where it cannot
+        compute this kernel's weights (runtime/layers/decode_layer.py)."""
         return None
 
 

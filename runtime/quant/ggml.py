@@ -51,6 +51,9 @@ class CpuGGMLKernel(LinearKernel):
     def gather_rows(self, packed, rows):
         return {"blocks": packed["blocks"][rows]}
 
+    def compiled_layer_operands(self, packed, in_features):
+        return [packed["blocks"]], -ref.qtype(self.config.qtype).value
+
 
 class GGMLMethod(QuantLinearMethod):
     kernels = (CpuGGMLKernel, DequantizedKernel)
