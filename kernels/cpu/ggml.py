@@ -85,3 +85,52 @@ def _dense_gemm(x: torch.Tensor, blocks: torch.Tensor, name: str) -> torch.Tenso
         else:
             out[:, start : start + w.shape[0]] = torch.mm(x, w.t())
     return out
+
+
+# ---------------------------------------------------------------- group-32 int4/int8 as GGUF blocks
+# W4A16/W8A16 weights with groups of 32 whose scales (and mins) are fp16 values are exactly GGUF's
+# Q4_0/Q4_1/Q8_0 blocks (that is where GGUF-loaded ones came from), so they can run on this GEMM.
+
+
+def fp16_exact(*tensors: torch.Tensor) -> bool:
+    return all(torch.equal(t.float().half().float(), t.float()) for t in tensors)
+
+
+def int4_blocks(
+    qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
+) -> tuple[torch.Tensor, str] | None:
+    """Canonical W4A16 g32 (qweight uint8 [N, K/2] low nibble first, scales/mins [N, K/32]) ->
+    (uint8 [N, row_bytes], "Q4_0" where every min is -8 x scale, else "Q4_1"), or None where a
+    scale or min is not an fp16 value."""
+    if not fp16_exact(scales, mins):
+        return None
+    n, groups = scales.shape
+    values = torch.stack((qweight & 15, qweight >> 4), dim=-1).reshape(n, groups, 2, 16)
+    qs = values[:, :, 0] | (values[:, :, 1] << 4)  # GGUF: byte i = element i | element i+16 << 4
+    fields = [scales.half().view(torch.uint8).reshape(n, groups, 2)]
+    name = "Q4_0" if torch.equal(mins.float(), -8 * scales.float()) else "Q4_1"
+    if name == "Q4_1":
+        fields.append(mins.half().view(torch.uint8).reshape(n, groups, 2))
+    return torch.cat([*fields, qs], dim=-1).reshape(n, -1).contiguous(), name
+
+
+def int8_blocks(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+    """Canonical W8A16 g32 (qweight int8 [N, K], scales [N, K/32]) -> Q8_0 uint8 [N, row_bytes],
+    or None where a scale is not an fp16 value."""
+    if not fp16_exact(scales):
+        return None
+    n, groups = scales.shape
+    d = scales.half().view(torch.uint8).reshape(n, groups, 2)
+    return (
+        torch.cat([d, qweight.view(torch.uint8).reshape(n, groups, 32)], dim=-1).reshape(n, -1).contiguous()
+    )
+
+
+def q8_0_rows(blocks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Q8_0 rows uint8 [R, row_bytes] -> canonical W8A16 (qweight int8 [R, K], scales fp32 [R, K/32])."""
+    b = blocks.reshape(blocks.shape[0], -1, 34)
+    scales = b[..., :2].contiguous().view(torch.float16).squeeze(-1).float()
+    return {
+        "qweight": b[..., 2:].contiguous().view(torch.int8).reshape(blocks.shape[0], -1),
+        "scales": scales,
+    }

@@ -122,6 +122,11 @@ class LinearKernel(ABC):
     def apply(self, x: torch.Tensor, packed: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """x [..., in_features] in `self.dtype` -> [..., out_features] in `self.dtype`."""
 
+    def can_pack(self, tensors: Mapping[str, torch.Tensor]) -> str | None:
+        """None if `pack` can hold these particular tensors, else why not (a layout may need the
+        scales to be exact in fp16, which only the values tell)."""
+        return None
+
     def gather_rows(self, packed: Mapping[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """The canonical tensors of some weight rows, read back exactly from the packed ones (then
         a tied embedding table needs no copy of its own). Only kernels with `keeps_rows`."""
@@ -242,9 +247,21 @@ class QuantLinearMethod(ABC):
         raise ValueError(f"no kernel for {self.config} on {device} in {dtype}: " + "; ".join(reasons))
 
     def load(self, weight: QuantizedWeight, device: torch.device, dtype: torch.dtype) -> PackedLinear:
+        """Packed for the first kernel that can run this weight's shape and hold its values."""
         self.check(weight)
-        kernel = self.select_kernel(weight.out_features, weight.in_features, device, dtype)
-        return PackedLinear(kernel, kernel.pack(weight.tensors), weight.out_features, weight.in_features)
+        reasons = []
+        for kernel_cls in self.kernels:
+            reason = kernel_cls.can_implement(
+                self.config, weight.out_features, weight.in_features, device, dtype
+            )
+            if reason is None:
+                kernel = kernel_cls(self, device, dtype)
+                if (reason := kernel.can_pack(weight.tensors)) is None:
+                    return PackedLinear(
+                        kernel, kernel.pack(weight.tensors), weight.out_features, weight.in_features
+                    )
+            reasons.append(f"{kernel_cls.name}: {reason}")
+        raise ValueError(f"no kernel for {self.config} on {device} in {dtype}: " + "; ".join(reasons))
 
     def apply(self, x: torch.Tensor, packed: PackedLinear) -> torch.Tensor:
         return packed.kernel.apply(x, packed.tensors)

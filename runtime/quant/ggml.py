@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.kernels import ggml_blocks_ref as ref
+from lowbit.kernels.cpu import extension
 from lowbit.kernels.cpu import ggml as cpu_ggml
 
 from .base import DequantizedKernel, LinearKernel, QuantConfig, QuantLinearMethod, TensorSpec
@@ -53,6 +54,79 @@ class CpuGGMLKernel(LinearKernel):
 
     def compiled_layer_operands(self, packed, in_features):
         return [packed["blocks"]], -ref.qtype(self.config.qtype).value
+
+
+def group_kernel_refusal(config, device: torch.device) -> str | None:
+    """Why W4A16/W8A16 group-32 weights should not run as GGUF blocks here (None: they should).
+    Only on CPUs without AVX-512: there the group GEMMs of kernels/cpu/gemm.py run portable fp32
+    loops, measured on an AMD EPYC (AVX2, 2 threads, 8192x2048, one bf16 row) at 10.9 ms (Q4_0)
+    and 7.8 ms (Q8_0) against 1.7 and 1.6 ms here; with AVX-512 and AMX they have paths of their own."""
+    if device.type != "cpu":
+        return "CPU only"
+    if config.group_size != 32 or getattr(config, "act_order", False):
+        return "GGUF blocks hold groups of 32 in input order"
+    if (reason := cpu_ggml.supports("Q4_0")) is not None:
+        return reason
+    if extension.load().has_avx512():
+        return "this CPU has the AVX-512 group GEMMs"
+    return None
+
+
+class CpuGGMLInt4Kernel(LinearKernel):
+    """W4A16 group-32 weights with fp16 scales and mins (GGUF Q4_0/Q4_1) as the exact Q4_0/Q4_1
+    blocks, through kernels/cpu/ggml.py (see group_kernel_refusal for where)."""
+
+    name = "cpu-ggml-int4"
+
+    @classmethod
+    def can_implement(cls, config, out_features, in_features, device, dtype):
+        return group_kernel_refusal(config, device)
+
+    def can_pack(self, tensors):
+        return (
+            None
+            if cpu_ggml.fp16_exact(tensors["scales"], tensors["mins"])
+            else "scales or mins not fp16 values"
+        )
+
+    def pack(self, tensors):
+        blocks, self.qtype = cpu_ggml.int4_blocks(tensors["qweight"], tensors["scales"], tensors["mins"])
+        return {"blocks": blocks}
+
+    def apply(self, x, packed):
+        return cpu_ggml.gemm(x, packed["blocks"], self.qtype)
+
+    def compiled_layer_operands(self, packed, in_features):
+        return [packed["blocks"]], -ref.qtype(self.qtype).value
+
+
+class CpuGGMLInt8Kernel(LinearKernel):
+    """W8A16 group-32 weights with fp16 scales (GGUF Q8_0) as the exact Q8_0 blocks, through
+    kernels/cpu/ggml.py (see group_kernel_refusal for where); rows stay readable."""
+
+    name = "cpu-ggml-int8"
+    keeps_rows = True
+
+    @classmethod
+    def can_implement(cls, config, out_features, in_features, device, dtype):
+        if config.group_size is None:
+            return "GGUF blocks hold groups of 32"
+        return group_kernel_refusal(config, device)
+
+    def can_pack(self, tensors):
+        return None if cpu_ggml.fp16_exact(tensors["scales"]) else "scales are not fp16 values"
+
+    def pack(self, tensors):
+        return {"blocks": cpu_ggml.int8_blocks(tensors["qweight"], tensors["scales"])}
+
+    def apply(self, x, packed):
+        return cpu_ggml.gemm(x, packed["blocks"], "Q8_0")
+
+    def gather_rows(self, packed, rows):
+        return cpu_ggml.q8_0_rows(packed["blocks"][rows])
+
+    def compiled_layer_operands(self, packed, in_features):
+        return [packed["blocks"]], -ref.qtype("Q8_0").value
 
 
 class GGMLMethod(QuantLinearMethod):

@@ -18,6 +18,7 @@ from .base import (
     TritonKernel,
     cpu_bf16_only,
 )
+from .ggml import CpuGGMLInt4Kernel
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ class TritonW4A16Kernel(TritonKernel):
 
 
 class W4A16Method(QuantLinearMethod):
-    kernels = (TritonW4A16Kernel, CpuGroupInt4Kernel, CpuInt4PackKernel, DequantizedKernel)
+    kernels = (TritonW4A16Kernel, CpuGGMLInt4Kernel, CpuGroupInt4Kernel, CpuInt4PackKernel, DequantizedKernel)
 
     def create_weights(self, in_features, out_features):
         group = self.config.group_size

@@ -24,7 +24,7 @@ from lowbit.runtime.backends.sampler import SAMPLER_BACKENDS
 from lowbit.runtime.layers.decode_layer import CompiledCPULayers
 from lowbit.runtime.models.config import ModelConfig
 from lowbit.runtime.models.llama import LlamaForCausalLM
-from lowbit.runtime.quant import W4A16Config, W8A8Config, W8A16Config, method_for
+from lowbit.runtime.quant import QuantizedWeight, W4A16Config, W8A8Config, W8A16Config, method_for
 from lowbit.runtime.quant.rtn import quantize_w4a16_rtn
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
@@ -48,12 +48,42 @@ def test_cpu_takes_the_cpu_kernels(monkeypatch):
     monkeypatch.delenv("LOWBIT_TRITON_ON_CPU", raising=False)
     compiled = extension.load() is not None  # else torch's packed kernels
     int4, int8 = ("cpu-group-int4", "cpu-group-int8") if compiled else ("cpu-int4pack", "cpu-int8pack")
-    assert kernel_name(W4A16Config(group_size=32), CPU, torch.bfloat16) == int4
-    fp32_int4 = int4 if compiled else "dequantized"  # int4pack is bf16-only
+    # Groups of 32 (GGUF Q4_0/Q4_1/Q8_0) run as GGUF blocks where the CPU lacks AVX-512.
+    blocks = compiled and not extension.load().has_avx512()
+    int4_g32, int8_g32 = ("cpu-ggml-int4", "cpu-ggml-int8") if blocks else (int4, int8)
+    assert kernel_name(W4A16Config(group_size=32), CPU, torch.bfloat16) == int4_g32
+    assert kernel_name(W4A16Config(group_size=128), CPU, torch.bfloat16) == int4
+    assert kernel_name(W4A16Config(group_size=32, act_order=True), CPU, torch.bfloat16) == int4
+    fp32_int4 = int4_g32 if compiled else "dequantized"  # int4pack is bf16-only
     assert kernel_name(W4A16Config(group_size=32), CPU, torch.float32) == fp32_int4
     assert kernel_name(W8A16Config(), CPU, torch.bfloat16) == int8
+    assert kernel_name(W8A16Config(group_size=32), CPU, torch.bfloat16) == (
+        int8_g32 if compiled else "dequantized"
+    )
     assert kernel_name(W8A8Config(), CPU, torch.bfloat16) == "cpu-int-mm"
     assert not use_triton(CPU)
+
+
+@pytest.mark.skipif(
+    extension.load() is None or extension.load().has_avx512(),
+    reason="GGUF-block kernels are chosen without AVX-512",
+)
+def test_values_the_block_layout_cannot_hold_take_the_next_kernel():
+    """GGUF blocks store fp16 scales: group-32 weights whose scales are not fp16 values (RTN or
+    GPTQ output in fp32) load onto the group GEMM instead, with the same results."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (32, 64), generator=gen, dtype=torch.uint8)
+    qweight = q[:, 0::2] | (q[:, 1::2] << 4)
+    fp16_scales = torch.rand(32, 2, generator=gen).half().float()
+    for scales, expected in ((fp16_scales, "cpu-ggml-int4"), (fp16_scales + 1e-6, "cpu-group-int4")):
+        weight = QuantizedWeight(
+            W4A16Config(32), 32, 64, {"qweight": qweight, "scales": scales, "mins": -8 * scales}
+        )
+        method = method_for(weight.config)
+        packed = method.load(weight, CPU, torch.float32)
+        assert packed.kernel.name == expected
+        x = torch.randn(3, 64, generator=gen)
+        torch.testing.assert_close(packed(x), x @ method.dequantize(weight.tensors).T, rtol=1e-5, atol=1e-5)
 
 
 def test_cpu_opt_in_to_the_interpreter(monkeypatch):
