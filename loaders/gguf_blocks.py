@@ -70,9 +70,13 @@ def decode_dense(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> torch.Ten
 
 
 def ggml_blocks(raw: np.ndarray, qtype: Q) -> QuantizedWeight:
-    """The rows' bytes, copied out of the file mapping (which is released after each tensor)."""
+    """The rows' bytes, copied out of the file mapping (which is released after each tensor) into
+    memory torch allocates: a numpy-owned copy read ~2x slower in the GEMM (measured on the 1.7B
+    shape's 8192x2048 Q4_K, one row: 3.3 ms against 1.9), its 16-byte-offset start putting every
+    row's 32-byte loads across cache lines."""
     block, _ = GGML_QUANT_SIZES[qtype]
-    blocks = torch.from_numpy(np.array(raw, dtype=np.uint8, copy=True))
+    blocks = torch.empty(raw.shape, dtype=torch.uint8)
+    blocks.numpy()[...] = raw
     in_features = raw.shape[1] // GGML_QUANT_SIZES[qtype][1] * block
     return QuantizedWeight(GGMLConfig(qtype.name), raw.shape[0], in_features, {"blocks": blocks})
 

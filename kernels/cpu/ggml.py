@@ -70,7 +70,7 @@ def gemm(
         y = _dense_gemm(x2.float(), blocks, name)
     else:
         y = extension.load().ggml_gemm(x2, blocks, _type_id(name), int8_activations, portable)
-    return y.to(x.dtype).reshape(*lead, -1)
+    return y.to(x.dtype).reshape(*lead, blocks.shape[0])
 
 
 def _dense_gemm(x: torch.Tensor, blocks: torch.Tensor, name: str) -> torch.Tensor:

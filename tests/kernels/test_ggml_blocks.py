@@ -163,3 +163,10 @@ def test_embedding_rows_gathered_from_the_packed_table(name):
     ids = torch.tensor([3, 0, blocks.shape[0] - 1, 3])
     expected = dequantize_ref(blocks, name)[ids]
     assert torch.equal(embedding(ids), expected)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_no_rows_gives_no_rows(dense):
+    blocks = tensors_of("Q8_0")[0][1]
+    got = cpu_ggml.gemm(torch.empty(0, in_features("Q8_0", blocks.shape[1])), blocks, "Q8_0", dense=dense)
+    assert got.shape == (0, blocks.shape[0])
