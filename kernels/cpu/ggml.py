@@ -1,18 +1,17 @@
 """GGUF block types on CPU (kernels/cpu/ggml_blocks.cpp): the file's bytes are the packed weight.
 
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL (blocks of 32) and the K-quants Q2_K..Q6_K and IQ4_XS
-(super-blocks of 256)
-keep the layout kernels/ggml_blocks_ref.py defines, uint8 [N, row_bytes], so a weight costs
-exactly its tensor bytes in the file. Up to DENSE_ROWS activation rows run the blocked GEMM, which
-decodes each block once per call; from there on the weight is dequantized a chunk of rows at a
-time and multiplied by torch's dense fp32 matmul, where the decode is paid once for many rows.
+(super-blocks of 256) keep the layout kernels/ggml_blocks_ref.py defines, uint8 [N, row_bytes],
+so a weight costs exactly its tensor bytes in the file. Up to DENSE_ROWS activation rows run the
+blocked GEMM, which decodes each block once per call; from there on the weight is dequantized a
+chunk of rows at a time and multiplied by torch's dense fp32 matmul, where the decode is paid once
+for many rows.
 
-The blocked GEMM has two arithmetics. fp32 activations get fp32 products (only the summation
-order differs from dequantize-then-matmul). bf16/fp16 activations, the fast mode, are quantized to
-int8 per 32 (one fp32 scale each, as llama.cpp's Q8 activations) and meet the weights' small
-integers in integer dot products (AVX2 maddubs): 3-8x less work per weight than converting each
-weight to fp32, which is what makes decode memory-bound. Its error is that of rounding each
-activation to 1/254 of its block's largest (tests bound it exactly).
+The blocked GEMM has two arithmetics (ggml_blocks.cpp). fp32 activations get fp32 products (only
+the summation order differs from dequantize-then-matmul). bf16/fp16 activations, the fast mode,
+are quantized to int8 per block of the weight type (32, or 256 as llama.cpp's Q8_K) and meet the
+weights' small integers in integer dot products (AVX2 maddubs): several times less work per weight
+than converting each weight to fp32, which is what lets decode approach memory speed.
 Reference: ggml_blocks_ref.ggml_matmul_ref (tests/kernels/test_ggml_blocks.py).
 """
 

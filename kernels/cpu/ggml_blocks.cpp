@@ -1,19 +1,22 @@
 // GGUF (ggml) block-quantized GEMM and dequantization for CPU, on the file's own bytes.
 //
 // Weights stay exactly as the GGUF stores them: uint8 [N, row_bytes], each row a run of blocks
-// (32 weights for Q5_0/Q5_1/IQ4_NL, 256-weight super-blocks for the K-quants and IQ4_XS). So the
-// resident weight is the file's tensor bytes, row selection (GGUF's q/k permutation, fusing q/k/v)
-// is a row copy, and an embedding table is gathered by row.
+// (32 weights for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL, 256-weight super-blocks for the K-quants and
+// IQ4_XS). So the resident weight is the file's tensor bytes, row selection (GGUF's q/k
+// permutation, fusing q/k/v) is a row copy, and an embedding table is gathered by row.
 //
 // Every type decodes a block to the same form: small integers q (int8) and, per sub-block of
 // SUB weights, a scale s and a min m with w = s * q - m, in the order and with the fp32 roundings
 // of gguf-py's `dequantize_blocks` (the reference: tests check dequantize() against it bit for
-// bit). The GEMM then needs one kernel for all types:
-//   y[t, n] = sum_blocks sum_sub ( s * sum_i q_i x_i  -  m * sum_i x_i )
-// with the activation sums per sub-block computed once per call. The block is decoded once per
-// weight row and used for every activation row of the call (a tile), so decode cost does not grow
-// with batch size. Products and sums are fp32; only the summation order differs from
-// dequantize-then-matmul.
+// bit). A block is decoded once per call and used for every activation row of a tile, so decode
+// cost does not grow with the batch. Two arithmetics:
+// - fp32 activations: y = sum_sub s (q . x) - m sum(x), fp32 products and sums (only the
+//   summation order differs from dequantize-then-matmul);
+// - 16-bit activations (the fast mode), llama.cpp's way: activations quantized to int8 per block
+//   of the weight type (32, or 256 for super-blocks as its Q8_K), integer dot products with AVX2
+//   maddubs, and for super-blocks the integer sub-block scales applied before anything is
+//   converted to float (rows_int8_k). Error: rounding each activation to 1/254 of its block's
+//   largest (the tests bound it exactly).
 //
 // Layouts (byte offsets in a block; h = f16, "q[e]" = value of element e):
 //   Q5_0   22 B: h d | u32 qh | u8 qs[16]            q[e] = (nib_e | bit_e(qh) << 4) - 16, s = d
@@ -121,6 +124,20 @@ inline void nibbles32(const uint8_t* qs, uint8_t* out) {
   for (int l = 0; l < 16; ++l) {
     out[l] = qs[l] & 15;
     out[l + 16] = qs[l] >> 4;
+  }
+}
+
+// A super-block's scales as floats from their integer form (int_scales): s_j = d sc_j, m_j = dmin mn_j,
+// one fp32 rounding each, as gguf-py computes them.
+template <typename B>
+void float_scales(const uint8_t* b, float* s, float* m) {
+  constexpr int SUBS = B::QK / B::SUB;
+  int16_t sc[SUBS], mn[SUBS];
+  float d = 0.f, dmin = 0.f;
+  B::int_scales(b, sc, mn, d, dmin);
+  for (int j = 0; j < SUBS; ++j) {
+    s[j] = d * static_cast<float>(sc[j]);
+    if constexpr (B::MIN) m[j] = dmin * static_cast<float>(mn[j]);
   }
 }
 
@@ -237,13 +254,15 @@ struct Q2_K {
       for (int j = 0; j < 4; ++j)
         for (int l = 0; l < 32; ++l) q[128 * h + 32 * j + l] = static_cast<int8_t>((qs[32 * h + l] >> (2 * j)) & 3);
   }
-  static void scales(const uint8_t* b, float* s, float* m) {
-    const float d = f16(b + 80), dmin = f16(b + 82);
+  static void int_scales(const uint8_t* b, int16_t* sc, int16_t* mn, float& d, float& dmin) {
     for (int i = 0; i < 16; ++i) {
-      s[i] = d * static_cast<float>(b[i] & 15);
-      m[i] = dmin * static_cast<float>(b[i] >> 4);
+      sc[i] = b[i] & 15;
+      mn[i] = b[i] >> 4;
     }
+    d = f16(b + 80);
+    dmin = f16(b + 82);
   }
+  static void scales(const uint8_t* b, float* s, float* m) { float_scales<Q2_K>(b, s, m); }
 #if defined(__AVX2__)
   static void quants_avx2(const uint8_t* b, int8_t* q) {
     const __m256i three = _mm256_set1_epi8(3);
@@ -269,15 +288,16 @@ struct Q3_K {
           q[128 * h + 32 * j + l] = static_cast<int8_t>(low - (high ? 0 : 4));
         }
   }
-  static void scales(const uint8_t* b, float* s, float*) {
-    const uint8_t* sc = b + 96;
-    const float d = f16(b + 108);
+  static void int_scales(const uint8_t* b, int16_t* sc, int16_t*, float& d, float&) {
+    const uint8_t* packed = b + 96;
     for (int i = 0; i < 16; ++i) {
-      const int low = (sc[i % 8] >> (4 * (i / 8))) & 15;
-      const int high = (sc[8 + i % 4] >> (2 * (i / 4))) & 3;
-      s[i] = d * static_cast<float>((low | high << 4) - 32);
+      const int low = (packed[i % 8] >> (4 * (i / 8))) & 15;
+      const int high = (packed[8 + i % 4] >> (2 * (i / 4))) & 3;
+      sc[i] = static_cast<int16_t>((low | high << 4) - 32);
     }
+    d = f16(b + 108);
   }
+  static void scales(const uint8_t* b, float* s, float* m) { float_scales<Q3_K>(b, s, m); }
 #if defined(__AVX2__)
   static void quants_avx2(const uint8_t* b, int8_t* q) {
     const __m256i three = _mm256_set1_epi8(3), four = _mm256_set1_epi8(4), hmask = load32(b);
@@ -309,15 +329,17 @@ struct KQuant45 {
           q[64 * c + 32 * t + l] = static_cast<int8_t>(v);
         }
   }
-  static void scales(const uint8_t* b, float* s, float* m) {
-    const float d = f16(b), dmin = f16(b + 2);
+  static void int_scales(const uint8_t* b, int16_t* sc, int16_t* mn, float& d, float& dmin) {
     for (int j = 0; j < 8; ++j) {
-      uint8_t sc, mn;
-      scale_min_k4(b + 4, j, sc, mn);
-      s[j] = d * static_cast<float>(sc);
-      m[j] = dmin * static_cast<float>(mn);
+      uint8_t s, m;
+      scale_min_k4(b + 4, j, s, m);
+      sc[j] = s;
+      mn[j] = m;
     }
+    d = f16(b);
+    dmin = f16(b + 2);
   }
+  static void scales(const uint8_t* b, float* s, float* m) { float_scales<KQuant45>(b, s, m); }
 #if defined(__AVX2__)
   static void quants_avx2(const uint8_t* b, int8_t* q) {
     const __m256i fifteen = _mm256_set1_epi8(15);
@@ -354,11 +376,11 @@ struct Q6_K {
         o[96] = static_cast<int8_t>(((c >> 4) | ((hi >> 6) & 3) << 4) - 32);
       }
   }
-  static void scales(const uint8_t* b, float* s, float*) {
-    const auto* sc = reinterpret_cast<const int8_t*>(b + 192);
-    const float d = f16(b + 208);
-    for (int i = 0; i < 16; ++i) s[i] = d * static_cast<float>(sc[i]);
+  static void int_scales(const uint8_t* b, int16_t* sc, int16_t*, float& d, float&) {
+    for (int i = 0; i < 16; ++i) sc[i] = static_cast<int8_t>(b[192 + i]);
+    d = f16(b + 208);
   }
+  static void scales(const uint8_t* b, float* s, float* m) { float_scales<Q6_K>(b, s, m); }
 #if defined(__AVX2__)
   static void quants_avx2(const uint8_t* b, int8_t* q) {
     const __m256i fifteen = _mm256_set1_epi8(15), hmask = _mm256_set1_epi8(0x30), bias = _mm256_set1_epi8(32);
@@ -389,17 +411,18 @@ struct IQ4_XS {
       for (int t = 0; t < 2; ++t)
         for (int l = 0; l < 16; ++l) q[32 * j + 16 * t + l] = KVALUES[(qs[16 * j + l] >> (4 * t)) & 15];
   }
-  static void scales(const uint8_t* b, float* s, float*) {
+  static void int_scales(const uint8_t* b, int16_t* sc, int16_t*, float& d, float&) {
     const uint8_t* sl = b + 4;
     uint16_t sh;
     std::memcpy(&sh, b + 2, 2);
-    const float d = f16(b);
     for (int j = 0; j < 8; ++j) {
       const int low = (sl[j / 2] >> (4 * (j % 2))) & 15;
       const int high = (sh >> (2 * j)) & 3;
-      s[j] = d * static_cast<float>((low | high << 4) - 32);
+      sc[j] = static_cast<int16_t>((low | high << 4) - 32);
     }
+    d = f16(b);
   }
+  static void scales(const uint8_t* b, float* s, float* m) { float_scales<IQ4_XS>(b, s, m); }
 #if defined(__AVX2__)
   static void quants_avx2(const uint8_t* b, int8_t* q) {
     const __m256i table = kvalues_avx2();
@@ -455,7 +478,8 @@ struct Operands {
   const float* x;     // [M, K] fp32 (fp32 path)
   const int8_t* xq;   // [M, K] int8 (int8 path)
   const float* dx;    // [M, K/32] scales of xq
-  const float* xsum;  // [M, K/SUB] sums of x per weight sub-block (types with mins)
+  const float* xsum;  // [M, K/SUB] sums of x (or of dx * xq) per weight sub-block (types with mins)
+  const int32_t* bsum;  // [M, K/SUB] integer sums of xq per sub-block (super-block types)
   float* y;           // [M, N]
   int64_t M, N, K;
 };
@@ -572,15 +596,119 @@ void rows_int8(const Operands& o, int64_t n0, int64_t n1, int64_t m0, int64_t mt
   }
 }
 
-// x fp32 [M, K] -> int8 [M, K] and one scale per 32 (amax / 127, round to nearest even).
-void quantize_activations(const float* x, int64_t count, int8_t* xq, float* dx) {
-  for (int64_t c = 0; c < count / XQ; ++c) {
-    const float* v = x + c * XQ;
+// Super-block types (QK 256) with activations quantized per 256 (llama.cpp's Q8_K): the integer
+// sub-block scales multiply the integer dot products before anything is converted to float, so a
+// block costs one conversion and one multiply-add per activation row (the per-32 form above costs
+// eight of each), and batched rows mostly share the block's decode:
+//   y += d dx sum_j sc_j (q . xq)_j  -  dmin dx sum_j mn_j bsum_j      (bsum_j = sum of xq in j)
+// Integer ranges: |q| <= 127 and |xq| <= 127 keep maddubs' int16 pair sums below 32767; scales
+// |sc| <= 127 keep a block's int32 sums below 2^27.
+template <typename B, bool SIMD>
+void rows_int8_k(const Operands& o, int64_t n0, int64_t n1, int64_t m0, int64_t mt) {
+  constexpr int SUBS = B::QK / B::SUB, CHUNKS = B::QK / 32;
+  const int64_t blocks = o.K / B::QK, row_bytes = blocks * B::BYTES;
+  alignas(32) int8_t q[B::QK];
+  int16_t sc[SUBS], mn[SUBS];
+  float acc[TILE];
+#if defined(__AVX2__)
+  alignas(32) float accv[TILE][8];
+  __m256i scale16[CHUNKS];
+#endif
+  for (int64_t n = n0; n < n1; ++n) {
+    std::fill(acc, acc + mt, 0.f);
+#if defined(__AVX2__)
+    if constexpr (SIMD) std::fill(&accv[0][0], &accv[0][0] + TILE * 8, 0.f);
+#endif
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const uint8_t* b = o.w + n * row_bytes + blk * B::BYTES;
+      quants<B, SIMD>(b, q);
+      float d = 0.f, dmin = 0.f;
+      B::int_scales(b, sc, mn, d, dmin);
+#if defined(__AVX2__)
+      if constexpr (SIMD) {
+        for (int c = 0; c < CHUNKS; ++c) {
+          // int16 lanes 0-7 come from weights 0-15 of the chunk, lanes 8-15 from weights 16-31.
+          scale16[c] = B::SUB == 32 ? _mm256_set1_epi16(sc[c])
+                                    : _mm256_set_m128i(_mm_set1_epi16(sc[2 * c + 1]), _mm_set1_epi16(sc[2 * c]));
+        }
+      }
+#endif
+#if defined(__AVX2__)
+      if constexpr (SIMD) {
+        // Rows in groups of up to RT: each chunk of weights and its scales are loaded once per
+        // group, and the group's sums stay in registers.
+        constexpr int RT = 4;
+        for (int64_t t0 = 0; t0 < mt; t0 += RT) {
+          const int rows = static_cast<int>(std::min<int64_t>(RT, mt - t0));
+          __m256i isum[RT];
+          for (int r = 0; r < RT; ++r) isum[r] = _mm256_setzero_si256();
+          for (int c = 0; c < CHUNKS; ++c) {
+            const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(q + 32 * c));
+            const __m256i w_abs = B::MIN ? w : _mm256_sign_epi8(w, w);
+            for (int r = 0; r < rows; ++r) {
+              const int8_t* xq = o.xq + (m0 + t0 + r) * o.K + blk * B::QK + 32 * c;
+              __m256i a = load32(reinterpret_cast<const uint8_t*>(xq));
+              // maddubs multiplies unsigned by signed bytes: types with a min store q >= 0; the
+              // others give |q| and move q's sign onto the activation.
+              if constexpr (!B::MIN) a = _mm256_sign_epi8(a, w);
+              isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, a), scale16[c]));
+            }
+          }
+          for (int r = 0; r < rows; ++r) {
+            const int64_t t = t0 + r;
+            const float dx = o.dx[(m0 + t) * blocks + blk];
+            const __m256 v = _mm256_load_ps(accv[t]);
+            _mm256_store_ps(accv[t], _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(isum[r]), v));
+          }
+        }
+      }
+#endif
+      for (int64_t t = 0; t < mt; ++t) {
+        const int64_t row = m0 + t;
+        const int8_t* xq = o.xq + row * o.K + blk * B::QK;
+        const float dx = o.dx[row * blocks + blk];
+        if constexpr (!SIMD) {
+          int32_t isum = 0;
+          for (int j = 0; j < SUBS; ++j) {
+            int32_t part = 0;
+            for (int i = 0; i < B::SUB; ++i) part += q[j * B::SUB + i] * xq[j * B::SUB + i];
+            isum += sc[j] * part;
+          }
+          acc[t] += d * dx * static_cast<float>(isum);
+        }
+        if constexpr (B::MIN) {
+          const int32_t* bsum = o.bsum + row * (o.K / B::SUB) + blk * SUBS;
+          int32_t msum = 0;
+          for (int j = 0; j < SUBS; ++j) msum += mn[j] * bsum[j];
+          acc[t] -= dmin * dx * static_cast<float>(msum);
+        }
+      }
+    }
+    for (int64_t t = 0; t < mt; ++t) {
+      float total = acc[t];
+#if defined(__AVX2__)
+      if constexpr (SIMD) total += hsum(_mm256_load_ps(accv[t]));
+#endif
+      o.y[(m0 + t) * o.N + n] = total;
+    }
+  }
+}
+
+// x fp32 [M, K] -> int8 [M, K] and one scale per `block` (amax / 127, round to nearest even), and
+// the integer sums of each `sub` quantized values (for the min terms).
+void quantize_activations(const float* x, int64_t count, int block, int sub, int8_t* xq, float* dx, int32_t* bsum) {
+  for (int64_t c = 0; c < count / block; ++c) {
+    const float* v = x + c * block;
     float amax = 0.f;
-    for (int i = 0; i < XQ; ++i) amax = std::max(amax, std::abs(v[i]));
+    for (int i = 0; i < block; ++i) amax = std::max(amax, std::abs(v[i]));
     const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
-    for (int i = 0; i < XQ; ++i) xq[c * XQ + i] = static_cast<int8_t>(std::nearbyint(v[i] * inv));
+    for (int i = 0; i < block; ++i) xq[c * block + i] = static_cast<int8_t>(std::nearbyint(v[i] * inv));
     dx[c] = d;
+  }
+  for (int64_t j = 0; j < count / sub; ++j) {
+    int32_t total = 0;
+    for (int i = 0; i < sub; ++i) total += xq[j * sub + i];
+    bsum[j] = total;
   }
 }
 
@@ -602,16 +730,20 @@ torch::Tensor ggml_gemm(torch::Tensor x, torch::Tensor w, int64_t type, bool int
   dispatch(type, [&](auto b) {
     using B = decltype(b);
     check_weights<B>(w, K);
-    Operands o{w.data_ptr<uint8_t>(), xf.data_ptr<float>(), nullptr, nullptr, nullptr, y.data_ptr<float>(), M, N, K};
-    torch::Tensor xsum, xq, dx;
+    Operands o{w.data_ptr<uint8_t>(), xf.data_ptr<float>(), nullptr, nullptr, nullptr, nullptr, y.data_ptr<float>(), M, N, K};
+    // Activations are quantized per block of the weight type: 32, or 256 for super-blocks.
+    constexpr bool SUPER = B::QK == 256;
+    torch::Tensor xsum, xq, dx, bsum;
     if (int8_activations) {
       xq = torch::empty({M, K}, torch::kInt8);
-      dx = torch::empty({M, K / XQ}, torch::kFloat);
-      quantize_activations(o.x, M * K, xq.data_ptr<int8_t>(), dx.data_ptr<float>());
+      dx = torch::empty({M, K / B::QK}, torch::kFloat);
+      bsum = torch::empty({M, K / B::SUB}, torch::kInt);
+      quantize_activations(o.x, M * K, B::QK, B::SUB, xq.data_ptr<int8_t>(), dx.data_ptr<float>(), bsum.data_ptr<int32_t>());
       o.xq = xq.data_ptr<int8_t>();
       o.dx = dx.data_ptr<float>();
+      o.bsum = bsum.data_ptr<int32_t>();
     }
-    if constexpr (B::MIN) {
+    if (B::MIN && !(SUPER && int8_activations)) {
       // The min term sums the activations the dot products see: with the quantized ones, the
       // result is exactly W . x_hat (as llama.cpp's Q8_1 sums do), whose error is bounded by |W|
       // rather than by |s q|, which for affine types can be several times larger.
@@ -626,7 +758,11 @@ torch::Tensor ggml_gemm(torch::Tensor x, torch::Tensor w, int64_t type, bool int
       // Enough rows per task to amortize its setup; each row is K weights against mt activations.
       at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
         if (int8_activations) {
-          simd ? rows_int8<B, true>(o, n0, n1, m0, mt) : rows_int8<B, false>(o, n0, n1, m0, mt);
+          if constexpr (SUPER) {
+            simd ? rows_int8_k<B, true>(o, n0, n1, m0, mt) : rows_int8_k<B, false>(o, n0, n1, m0, mt);
+          } else {
+            simd ? rows_int8<B, true>(o, n0, n1, m0, mt) : rows_int8<B, false>(o, n0, n1, m0, mt);
+          }
         } else {
           simd ? rows_fp32<B, true>(o, n0, n1, m0, mt) : rows_fp32<B, false>(o, n0, n1, m0, mt);
         }

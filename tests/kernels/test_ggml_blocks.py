@@ -72,11 +72,13 @@ def _cases(name: str) -> list[tuple[torch.Tensor, str]]:
 PATHS = [pytest.param(False, id="avx2"), pytest.param(True, id="portable")]
 
 
-def _int8_rounding_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Worst case of rounding each activation to the nearest multiple of its 32-block's scale
-    (amax / 127): half a scale step times sum |w| over the block, summed over blocks. [M, N]"""
-    steps = x.reshape(x.shape[0], -1, 32).abs().amax(-1) / 127  # [M, K/32]
-    half_step = (steps / 2).repeat_interleave(32, dim=1)  # [M, K]
+def _int8_rounding_bound(x: torch.Tensor, w: torch.Tensor, name: str) -> torch.Tensor:
+    """Worst case of rounding each activation to the nearest multiple of its block's scale
+    (amax / 127; blocks of the weight type's size, 32 or 256): half a scale step times sum |w|
+    over the block, summed over blocks. [M, N]"""
+    block = GGML_QUANT_SIZES[GGMLQuantizationType[name]][0]
+    steps = x.reshape(x.shape[0], -1, block).abs().amax(-1) / 127  # [M, K/block]
+    half_step = (steps / 2).repeat_interleave(block, dim=1)  # [M, K]
     return half_step.double() @ w.abs().double().T
 
 
@@ -98,7 +100,7 @@ def test_blocked_gemm_matches_dequantize_then_matmul(name, arithmetic, portable)
             terms = x.abs().double() @ w.abs().double().T
             bound = 1e-5 * (terms + terms.max() * 1e-3)
             if int8:
-                bound = bound + _int8_rounding_bound(x, w) * (1 + 1e-4)
+                bound = bound + _int8_rounding_bound(x, w, name) * (1 + 1e-4)
             err = (got.double() - expected).abs()
             assert (err <= bound).all(), f"{what} M={m}: max error {err.max():.3g}"
 
@@ -122,7 +124,7 @@ def test_dense_gemm_and_default_dispatch(name, dtype):
             if dtype == torch.bfloat16:
                 bound = bound + expected.abs() * 2**-8
                 if not dense and m < cpu_ggml.DENSE_ROWS:
-                    bound = bound + _int8_rounding_bound(x.float(), w) * (1 + 1e-4)
+                    bound = bound + _int8_rounding_bound(x.float(), w, name) * (1 + 1e-4)
             err = (got.double() - expected).abs()
             assert (err <= bound).all(), f"{what} M={m} dense={dense}: max error {err.max():.3g}"
 
