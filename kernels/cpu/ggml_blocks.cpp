@@ -47,6 +47,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <cstring>
 #include <vector>
 
@@ -154,9 +155,8 @@ struct Q4_0 {
   }
   static void scales(const uint8_t* b, float* s, float*) { s[0] = f16(b); }
 #if defined(__AVX2__)
-  static void quants_avx2(const uint8_t* b, int8_t* q) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_sub_epi8(nibbles32_avx2(b + 2), _mm256_set1_epi8(8)));
-  }
+  static __m256i block_avx2(const uint8_t* b) { return _mm256_sub_epi8(nibbles32_avx2(b + 2), _mm256_set1_epi8(8)); }
+  static void quants_avx2(const uint8_t* b, int8_t* q) { store32(q, block_avx2(b)); }
 #endif
 };
 
@@ -173,9 +173,8 @@ struct Q4_1 {
     m[0] = -f16(b + 2);
   }
 #if defined(__AVX2__)
-  static void quants_avx2(const uint8_t* b, int8_t* q) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), nibbles32_avx2(b + 4));
-  }
+  static __m256i block_avx2(const uint8_t* b) { return nibbles32_avx2(b + 4); }
+  static void quants_avx2(const uint8_t* b, int8_t* q) { store32(q, block_avx2(b)); }
 #endif
 };
 
@@ -185,6 +184,7 @@ struct Q8_0 {
   static void quants(const uint8_t* b, int8_t* q) { std::memcpy(q, b + 2, 32); }
   static void scales(const uint8_t* b, float* s, float*) { s[0] = f16(b); }
 #if defined(__AVX2__)
+  static __m256i block_avx2(const uint8_t* b) { return load32(b + 2); }
   static void quants_avx2(const uint8_t* b, int8_t* q) { std::memcpy(q, b + 2, 32); }
 #endif
 };
@@ -200,11 +200,11 @@ struct Q5_0 {
   }
   static void scales(const uint8_t* b, float* s, float*) { s[0] = f16(b); }
 #if defined(__AVX2__)
-  static void quants_avx2(const uint8_t* b, int8_t* q) {
+  static __m256i block_avx2(const uint8_t* b) {
     const __m256i high = _mm256_and_si256(bits32_avx2(b + 2), _mm256_set1_epi8(16));
-    const __m256i v = _mm256_or_si256(nibbles32_avx2(b + 6), high);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_sub_epi8(v, _mm256_set1_epi8(16)));
+    return _mm256_sub_epi8(_mm256_or_si256(nibbles32_avx2(b + 6), high), _mm256_set1_epi8(16));
   }
+  static void quants_avx2(const uint8_t* b, int8_t* q) { store32(q, block_avx2(b)); }
 #endif
 };
 
@@ -222,10 +222,10 @@ struct Q5_1 {
     m[0] = -f16(b + 2);
   }
 #if defined(__AVX2__)
-  static void quants_avx2(const uint8_t* b, int8_t* q) {
-    const __m256i high = _mm256_and_si256(bits32_avx2(b + 4), _mm256_set1_epi8(16));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_or_si256(nibbles32_avx2(b + 8), high));
+  static __m256i block_avx2(const uint8_t* b) {
+    return _mm256_or_si256(nibbles32_avx2(b + 8), _mm256_and_si256(bits32_avx2(b + 4), _mm256_set1_epi8(16)));
   }
+  static void quants_avx2(const uint8_t* b, int8_t* q) { store32(q, block_avx2(b)); }
 #endif
 };
 
@@ -239,9 +239,8 @@ struct IQ4_NL {
   }
   static void scales(const uint8_t* b, float* s, float*) { s[0] = f16(b); }
 #if defined(__AVX2__)
-  static void quants_avx2(const uint8_t* b, int8_t* q) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_shuffle_epi8(kvalues_avx2(), nibbles32_avx2(b + 2)));
-  }
+  static __m256i block_avx2(const uint8_t* b) { return _mm256_shuffle_epi8(kvalues_avx2(), nibbles32_avx2(b + 2)); }
+  static void quants_avx2(const uint8_t* b, int8_t* q) { store32(q, block_avx2(b)); }
 #endif
 };
 
@@ -330,11 +329,20 @@ struct KQuant45 {
         }
   }
   static void int_scales(const uint8_t* b, int16_t* sc, int16_t* mn, float& d, float& dmin) {
+    // get_scale_min for all 8 sub-blocks at once on 32-bit words (llama.cpp's kmask trick):
+    // bytes 0-3 hold scales 0-3 (low 6 bits) and the top bits of scales 4-7, bytes 4-7 the same
+    // for mins, bytes 8-11 the low nibbles of scales 4-7 and mins 4-7.
+    uint32_t w[3];
+    std::memcpy(w, b + 4, 12);
+    const uint32_t low6 = 0x3f3f3f3f, nib = 0x0f0f0f0f, top2 = 0x03030303;
+    const uint32_t scales[2] = {w[0] & low6, (w[2] & nib) | (((w[0] >> 6) & top2) << 4)};
+    const uint32_t mins[2] = {w[1] & low6, ((w[2] >> 4) & nib) | (((w[1] >> 6) & top2) << 4)};
+    uint8_t bytes[16];
+    std::memcpy(bytes, scales, 8);
+    std::memcpy(bytes + 8, mins, 8);
     for (int j = 0; j < 8; ++j) {
-      uint8_t s, m;
-      scale_min_k4(b + 4, j, s, m);
-      sc[j] = s;
-      mn[j] = m;
+      sc[j] = bytes[j];
+      mn[j] = bytes[8 + j];
     }
     d = f16(b);
     dmin = f16(b + 2);
@@ -479,7 +487,7 @@ struct Operands {
   const int8_t* xq;   // [M, K] int8 (int8 path)
   const float* dx;    // [M, K/32] scales of xq
   const float* xsum;  // [M, K/SUB] sums of x (or of dx * xq) per weight sub-block (types with mins)
-  const int32_t* bsum;  // [M, K/SUB] integer sums of xq per sub-block (super-block types)
+  const int16_t* bsum;  // [M, K/SUB] integer sums of xq per sub-block (|sum| <= 32 x 127)
   float* y;           // [M, N]
   int64_t M, N, K;
 };
@@ -596,6 +604,81 @@ void rows_int8(const Operands& o, int64_t n0, int64_t n1, int64_t m0, int64_t mt
   }
 }
 
+#if defined(__AVX2__)
+// Blocks of 32 with AVX2: rows in groups of up to 8 whose accumulators stay in registers for the
+// whole weight row; each block is decoded in registers once per group (no store and reload).
+template <typename B>
+void rows_int8_32_avx2(const Operands& o, int64_t n0, int64_t n1, int64_t m0, int64_t mt) {
+  const int64_t blocks = o.K / 32;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const auto group = [&](auto count, int64_t n, int64_t t0) {
+    constexpr int R = decltype(count)::value;
+    __m256 acc[R];
+    float minus[R] = {};
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    const uint8_t* row = o.w + n * blocks * B::BYTES;
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const uint8_t* b = row + blk * B::BYTES;
+      const __m256i w = B::block_avx2(b);
+      const __m256i w_abs = B::MIN ? w : _mm256_sign_epi8(w, w);
+      float s[1], m[1];
+      B::scales(b, s, m);
+      for (int r = 0; r < R; ++r) {
+        const int64_t x_row = m0 + t0 + r;
+        __m256i a = load32(reinterpret_cast<const uint8_t*>(o.xq + x_row * o.K + blk * 32));
+        if constexpr (!B::MIN) a = _mm256_sign_epi8(a, w);
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, a), ones));
+        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(s[0] * o.dx[x_row * blocks + blk]), dot, acc[r]);
+        if constexpr (B::MIN) minus[r] += m[0] * o.xsum[x_row * blocks + blk];
+      }
+    }
+    for (int r = 0; r < R; ++r) o.y[(m0 + t0 + r) * o.N + n] = hsum(acc[r]) - minus[r];
+  };
+  // Groups of 8, then 4, 2, 1: eight accumulators, the block and |block| fit the 16 registers.
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t t0 = 0; t0 < mt;) {
+      const int64_t rest = mt - t0;
+      if (rest >= 8) {
+        group(std::integral_constant<int, 8>{}, n, t0);
+        t0 += 8;
+      } else if (rest >= 4) {
+        group(std::integral_constant<int, 4>{}, n, t0);
+        t0 += 4;
+      } else if (rest >= 2) {
+        group(std::integral_constant<int, 2>{}, n, t0);
+        t0 += 2;
+      } else {
+        group(std::integral_constant<int, 1>{}, n, t0);
+        t0 += 1;
+      }
+    }
+  }
+}
+#endif
+
+// sum_j mn[j] bsum[j] over a super-block's 8 or 16 sub-blocks.
+template <int SUBS, bool SIMD>
+inline int32_t min_dot(const int16_t* mn, const int16_t* bsum) {
+#if defined(__AVX2__)
+  if constexpr (SIMD && SUBS == 8) {
+    __m128i p = _mm_madd_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn)),
+                               _mm_loadu_si128(reinterpret_cast<const __m128i*>(bsum)));
+    p = _mm_add_epi32(p, _mm_shuffle_epi32(p, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(p, _mm_shuffle_epi32(p, 0xB1)));
+  }
+  if constexpr (SIMD && SUBS == 16) {
+    const __m256i p = _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mn)),
+                                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bsum)));
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1)));
+  }
+#endif
+  int32_t total = 0;
+  for (int j = 0; j < SUBS; ++j) total += mn[j] * bsum[j];
+  return total;
+}
+
 // Super-block types (QK 256) with activations quantized per 256 (llama.cpp's Q8_K): the integer
 // sub-block scales multiply the integer dot products before anything is converted to float, so a
 // block costs one conversion and one multiply-add per activation row (the per-32 form above costs
@@ -639,26 +722,36 @@ void rows_int8_k(const Operands& o, int64_t n0, int64_t n1, int64_t m0, int64_t 
         // group, and the group's sums stay in registers.
         constexpr int RT = 4;
         for (int64_t t0 = 0; t0 < mt; t0 += RT) {
-          const int rows = static_cast<int>(std::min<int64_t>(RT, mt - t0));
-          __m256i isum[RT];
-          for (int r = 0; r < RT; ++r) isum[r] = _mm256_setzero_si256();
-          for (int c = 0; c < CHUNKS; ++c) {
-            const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(q + 32 * c));
-            const __m256i w_abs = B::MIN ? w : _mm256_sign_epi8(w, w);
-            for (int r = 0; r < rows; ++r) {
-              const int8_t* xq = o.xq + (m0 + t0 + r) * o.K + blk * B::QK + 32 * c;
-              __m256i a = load32(reinterpret_cast<const uint8_t*>(xq));
-              // maddubs multiplies unsigned by signed bytes: types with a min store q >= 0; the
-              // others give |q| and move q's sign onto the activation.
-              if constexpr (!B::MIN) a = _mm256_sign_epi8(a, w);
-              isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, a), scale16[c]));
+          const int64_t rows = std::min<int64_t>(RT, mt - t0);
+          const auto group = [&](auto count) {
+            constexpr int R = decltype(count)::value;
+            __m256i isum[R];
+            for (int r = 0; r < R; ++r) isum[r] = _mm256_setzero_si256();
+            for (int c = 0; c < CHUNKS; ++c) {
+              const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(q + 32 * c));
+              const __m256i w_abs = B::MIN ? w : _mm256_sign_epi8(w, w);
+              for (int r = 0; r < R; ++r) {
+                const int8_t* xq = o.xq + (m0 + t0 + r) * o.K + blk * B::QK + 32 * c;
+                __m256i a = load32(reinterpret_cast<const uint8_t*>(xq));
+                // maddubs multiplies unsigned by signed bytes: types with a min store q >= 0;
+                // the others give |q| and move q's sign onto the activation.
+                if constexpr (!B::MIN) a = _mm256_sign_epi8(a, w);
+                isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, a), scale16[c]));
+              }
             }
-          }
-          for (int r = 0; r < rows; ++r) {
-            const int64_t t = t0 + r;
-            const float dx = o.dx[(m0 + t) * blocks + blk];
-            const __m256 v = _mm256_load_ps(accv[t]);
-            _mm256_store_ps(accv[t], _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(isum[r]), v));
+            for (int r = 0; r < R; ++r) {
+              const int64_t t = t0 + r;
+              const float dx = o.dx[(m0 + t) * blocks + blk];
+              const __m256 v = _mm256_load_ps(accv[t]);
+              _mm256_store_ps(accv[t], _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(isum[r]), v));
+            }
+          };
+          // A row count known at compile time keeps the group's sums in registers.
+          switch (rows) {
+            case 1: group(std::integral_constant<int, 1>{}); break;
+            case 2: group(std::integral_constant<int, 2>{}); break;
+            case 3: group(std::integral_constant<int, 3>{}); break;
+            default: group(std::integral_constant<int, 4>{}); break;
           }
         }
       }
@@ -677,10 +770,8 @@ void rows_int8_k(const Operands& o, int64_t n0, int64_t n1, int64_t m0, int64_t 
           acc[t] += d * dx * static_cast<float>(isum);
         }
         if constexpr (B::MIN) {
-          const int32_t* bsum = o.bsum + row * (o.K / B::SUB) + blk * SUBS;
-          int32_t msum = 0;
-          for (int j = 0; j < SUBS; ++j) msum += mn[j] * bsum[j];
-          acc[t] -= dmin * dx * static_cast<float>(msum);
+          const int16_t* bsum = o.bsum + row * (o.K / B::SUB) + blk * SUBS;
+          acc[t] -= dmin * dx * static_cast<float>(min_dot<SUBS, SIMD>(mn, bsum));
         }
       }
     }
@@ -696,7 +787,7 @@ void rows_int8_k(const Operands& o, int64_t n0, int64_t n1, int64_t m0, int64_t 
 
 // x fp32 [M, K] -> int8 [M, K] and one scale per `block` (amax / 127, round to nearest even), and
 // the integer sums of each `sub` quantized values (for the min terms).
-void quantize_activations(const float* x, int64_t count, int block, int sub, int8_t* xq, float* dx, int32_t* bsum) {
+void quantize_activations(const float* x, int64_t count, int block, int sub, int8_t* xq, float* dx, int16_t* bsum) {
   for (int64_t c = 0; c < count / block; ++c) {
     const float* v = x + c * block;
     float amax = 0.f;
@@ -708,7 +799,7 @@ void quantize_activations(const float* x, int64_t count, int block, int sub, int
   for (int64_t j = 0; j < count / sub; ++j) {
     int32_t total = 0;
     for (int i = 0; i < sub; ++i) total += xq[j * sub + i];
-    bsum[j] = total;
+    bsum[j] = static_cast<int16_t>(total);
   }
 }
 
@@ -737,11 +828,11 @@ torch::Tensor ggml_gemm(torch::Tensor x, torch::Tensor w, int64_t type, bool int
     if (int8_activations) {
       xq = torch::empty({M, K}, torch::kInt8);
       dx = torch::empty({M, K / B::QK}, torch::kFloat);
-      bsum = torch::empty({M, K / B::SUB}, torch::kInt);
-      quantize_activations(o.x, M * K, B::QK, B::SUB, xq.data_ptr<int8_t>(), dx.data_ptr<float>(), bsum.data_ptr<int32_t>());
+      bsum = torch::empty({M, K / B::SUB}, torch::kShort);
+      quantize_activations(o.x, M * K, B::QK, B::SUB, xq.data_ptr<int8_t>(), dx.data_ptr<float>(), bsum.data_ptr<int16_t>());
       o.xq = xq.data_ptr<int8_t>();
       o.dx = dx.data_ptr<float>();
-      o.bsum = bsum.data_ptr<int32_t>();
+      o.bsum = bsum.data_ptr<int16_t>();
     }
     if (B::MIN && !(SUPER && int8_activations)) {
       // The min term sums the activations the dot products see: with the quantized ones, the
@@ -761,6 +852,9 @@ torch::Tensor ggml_gemm(torch::Tensor x, torch::Tensor w, int64_t type, bool int
           if constexpr (SUPER) {
             simd ? rows_int8_k<B, true>(o, n0, n1, m0, mt) : rows_int8_k<B, false>(o, n0, n1, m0, mt);
           } else {
+#if defined(__AVX2__)
+            if (simd) return rows_int8_32_avx2<B>(o, n0, n1, m0, mt);
+#endif
             simd ? rows_int8<B, true>(o, n0, n1, m0, mt) : rows_int8<B, false>(o, n0, n1, m0, mt);
           }
         } else {
