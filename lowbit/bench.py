@@ -180,9 +180,36 @@ def run(
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise ValueError(f"{engine} failed: {last}")
         results[engine] = json.loads(done.stdout.strip().splitlines()[-1])
-    _print_types(model)
+    weight_bytes = _print_types(model)
     _print_table(results)
+    if weight_bytes:
+        _print_bandwidth(results, weight_bytes, threads)
     return results
+
+
+def _copy_bandwidth(threads: int, size: int = 1 << 30) -> float:
+    """Memory bandwidth in bytes/s (read + write) of a large copy, best of three."""
+    import torch
+
+    torch.set_num_threads(threads)
+    src, dst = torch.ones(size, dtype=torch.uint8), torch.empty(size, dtype=torch.uint8)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size / best
+
+
+def _print_bandwidth(results: dict[str, dict], weight_bytes: int, threads: int) -> None:
+    """Decode reads every weight once per token: weight bytes x tokens/s against a large copy's
+    bandwidth measured now (the KV cache and activations are not counted)."""
+    copy = _copy_bandwidth(threads)
+    print(f"copy bandwidth {copy / 1e9:.1f} GB/s (read + write, {threads} threads)")
+    for engine, r in results.items():
+        read = weight_bytes * r["decode_tok_s"]
+        share = f"{read / copy:.0%} of the copy bandwidth"
+        print(f"{engine:<16} decode reads weights at {read / 1e9:.1f} GB/s = {share}")
 
 
 def main() -> None:
@@ -201,8 +228,9 @@ def main() -> None:
     run(args.model, args.engines, args.tokens, args.prompt_tokens, args.threads)
 
 
-def _print_types(model: str | None) -> None:
-    """The file's tensor types with their bits per weight and bytes."""
+def _print_types(model: str | None) -> int:
+    """The file's tensor types with their bits per weight and bytes; returns the bytes of all
+    tensors (0 for a model that is not a GGUF file)."""
     from collections import Counter
 
     from gguf import GGML_QUANT_SIZES
@@ -212,7 +240,7 @@ def _print_types(model: str | None) -> None:
 
     path = default_model_path() if model is None else Path(model)
     if path.suffix != ".gguf":
-        return
+        return 0
     tensors = list(read_gguf(path).tensors.values())
     count, size = Counter(t.qtype for t in tensors), Counter()
     for t in tensors:
@@ -223,6 +251,7 @@ def _print_types(model: str | None) -> None:
         block, type_size = GGML_QUANT_SIZES[qtype]
         bits = 8 * type_size / block
         print(f"  {qtype.name:<8} {count[qtype]:>7} {bits:>11.4g} {size[qtype] / 2**20:>8.1f}")
+    return sum(size.values())
 
 
 def _print_table(results: dict[str, dict]) -> None:
