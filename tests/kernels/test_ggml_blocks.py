@@ -108,8 +108,9 @@ def test_blocked_gemm_matches_dequantize_then_matmul(name, arithmetic, portable)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", cpu_ggml.TYPES)
 def test_dense_gemm_and_default_dispatch(name, dtype):
-    """From DENSE_ROWS rows the weight is dequantized and multiplied in fp32; below, 16-bit
-    activations take the int8 arithmetic. bf16 output rounding (2^-9) bounds both."""
+    """From DENSE_ROWS (16-bit activations: DENSE_ROWS_INT8) rows the weight is dequantized and
+    multiplied in fp32; below, 16-bit activations take the int8 arithmetic. bf16 output rounding
+    (2^-9) bounds both."""
     gen = torch.Generator().manual_seed(11)
     blocks, what = _cases(name)[-1]
     k, w = in_features(name, blocks.shape[1]), dequantize_ref(blocks, name)
@@ -123,7 +124,7 @@ def test_dense_gemm_and_default_dispatch(name, dtype):
             bound = 1e-5 * (terms + terms.max() * 1e-3)
             if dtype == torch.bfloat16:
                 bound = bound + expected.abs() * 2**-8
-                if not dense and m < cpu_ggml.DENSE_ROWS:
+                if not dense and m < cpu_ggml.DENSE_ROWS_INT8:
                     bound = bound + _int8_rounding_bound(x.float(), w, name) * (1 + 1e-4)
             err = (got.double() - expected).abs()
             assert (err <= bound).all(), f"{what} M={m} dense={dense}: max error {err.max():.3g}"
