@@ -479,7 +479,6 @@ inline void quants(const uint8_t* b, int8_t* q) {
 }
 
 constexpr int64_t TILE = 16;  // activation rows sharing one decode of a weight block
-constexpr int XQ = 32;        // activations quantized to int8 in blocks of 32, one fp32 scale each
 
 struct Operands {
   const uint8_t* w;
@@ -525,18 +524,9 @@ void rows_fp32(const Operands& o, int64_t n0, int64_t n1, int64_t m0, int64_t mt
 }
 
 // int8 path (llama.cpp's way for quantized GEMMs): integer dot products of the weights' small
-// integers with activations quantized per 32, scaled per sub-block: s * dx * (q . xq) - m * sum(x).
-// One 32-weight chunk of a block against one activation row, as 8 int32 partial sums (lanes 0-3
-// hold weights 0-15, lanes 4-7 weights 16-31, so a sub-block of 16 is half the lanes).
+// integers with activations quantized per block, scaled per block or sub-block:
+//   s * dx * (q . xq) - m * dx * sum(xq).
 #if defined(__AVX2__)
-inline __m256 chunk_dot_avx2(const int8_t* q, const int8_t* xq) {
-  const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(q)), a = load32(reinterpret_cast<const uint8_t*>(xq));
-  // maddubs multiplies unsigned by signed bytes: |w| times a with w's sign (|w|, |a| <= 127,
-  // so the pairwise int16 sums cannot saturate).
-  const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-}
-
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -544,62 +534,27 @@ inline float hsum(__m256 v) {
 }
 #endif
 
-template <typename B, bool SIMD>
-void rows_int8(const Operands& o, int64_t n0, int64_t n1, int64_t m0, int64_t mt) {
-  constexpr int SUBS = B::QK / B::SUB, CHUNKS = B::QK / XQ;
-  const int64_t blocks = o.K / B::QK, row_bytes = blocks * B::BYTES;
-  alignas(32) int8_t q[B::QK];
-  float s[SUBS], m[SUBS], acc[TILE];
-#if defined(__AVX2__)
-  alignas(32) float accv[TILE][8];
-#endif
+// Blocks of 32, portable loops (the AVX2 form is rows_int8_32_avx2).
+template <typename B>
+void rows_int8_portable(const Operands& o, int64_t n0, int64_t n1, int64_t m0, int64_t mt) {
+  const int64_t blocks = o.K / 32;
+  int8_t q[32];
+  float s[1], m[1];
   for (int64_t n = n0; n < n1; ++n) {
-    std::fill(acc, acc + mt, 0.f);
-#if defined(__AVX2__)
-    if constexpr (SIMD) std::fill(&accv[0][0], &accv[0][0] + TILE * 8, 0.f);
-#endif
+    for (int64_t t = 0; t < mt; ++t) o.y[(m0 + t) * o.N + n] = 0.f;
     for (int64_t blk = 0; blk < blocks; ++blk) {
-      const uint8_t* b = o.w + n * row_bytes + blk * B::BYTES;
-      quants<B, SIMD>(b, q);
+      const uint8_t* b = o.w + (n * blocks + blk) * B::BYTES;
+      B::quants(b, q);
       B::scales(b, s, m);
       for (int64_t t = 0; t < mt; ++t) {
         const int64_t row = m0 + t;
-        const int8_t* xq = o.xq + row * o.K + blk * B::QK;
-        const float* dx = o.dx + row * (o.K / XQ) + blk * CHUNKS;
-#if defined(__AVX2__)
-        if constexpr (SIMD) {
-          __m256 v = _mm256_load_ps(accv[t]);
-          for (int c = 0; c < CHUNKS; ++c) {
-            __m256 scale;
-            if constexpr (B::SUB == 32) {
-              scale = _mm256_set1_ps(s[c] * dx[c]);
-            } else {
-              scale = _mm256_set_m128(_mm_set1_ps(s[2 * c + 1] * dx[c]), _mm_set1_ps(s[2 * c] * dx[c]));
-            }
-            v = _mm256_fmadd_ps(scale, chunk_dot_avx2(q + XQ * c, xq + XQ * c), v);
-          }
-          _mm256_store_ps(accv[t], v);
-        }
-#endif
-        if constexpr (!SIMD) {
-          for (int j = 0; j < SUBS; ++j) {
-            int32_t isum = 0;
-            for (int i = 0; i < B::SUB; ++i) isum += q[j * B::SUB + i] * xq[j * B::SUB + i];
-            acc[t] += s[j] * dx[j * B::SUB / XQ] * static_cast<float>(isum);
-          }
-        }
-        if constexpr (B::MIN) {
-          const float* xs = o.xsum + row * (o.K / B::SUB) + blk * SUBS;
-          for (int j = 0; j < SUBS; ++j) acc[t] -= m[j] * xs[j];
-        }
+        const int8_t* xq = o.xq + row * o.K + blk * 32;
+        int32_t isum = 0;
+        for (int i = 0; i < 32; ++i) isum += q[i] * xq[i];
+        float v = s[0] * o.dx[row * blocks + blk] * static_cast<float>(isum);
+        if constexpr (B::MIN) v -= m[0] * o.xsum[row * blocks + blk];
+        o.y[row * o.N + n] += v;
       }
-    }
-    for (int64_t t = 0; t < mt; ++t) {
-      float total = acc[t];
-#if defined(__AVX2__)
-      if constexpr (SIMD) total += hsum(_mm256_load_ps(accv[t]));
-#endif
-      o.y[(m0 + t) * o.N + n] = total;
     }
   }
 }
@@ -838,7 +793,7 @@ torch::Tensor ggml_gemm(torch::Tensor x, torch::Tensor w, int64_t type, bool int
       // The min term sums the activations the dot products see: with the quantized ones, the
       // result is exactly W . x_hat (as llama.cpp's Q8_1 sums do), whose error is bounded by |W|
       // rather than by |s q|, which for affine types can be several times larger.
-      xsum = int8_activations ? (xq.to(torch::kFloat).view({M, K / XQ, XQ}) * dx.view({M, K / XQ, 1})).view({M, K / B::SUB, B::SUB}).sum(-1)
+      xsum = int8_activations ? bsum.to(torch::kFloat) * dx  // blocks of 32: one sum per scale
                               : xf.view({M, K / B::SUB, B::SUB}).sum(-1);
       xsum = xsum.contiguous();
       o.xsum = xsum.data_ptr<float>();
@@ -855,7 +810,7 @@ torch::Tensor ggml_gemm(torch::Tensor x, torch::Tensor w, int64_t type, bool int
 #if defined(__AVX2__)
             if (simd) return rows_int8_32_avx2<B>(o, n0, n1, m0, mt);
 #endif
-            simd ? rows_int8<B, true>(o, n0, n1, m0, mt) : rows_int8<B, false>(o, n0, n1, m0, mt);
+            rows_int8_portable<B>(o, n0, n1, m0, mt);
           }
         } else {
           simd ? rows_fp32<B, true>(o, n0, n1, m0, mt) : rows_fp32<B, false>(o, n0, n1, m0, mt);
