@@ -1,7 +1,10 @@
-"""GGUF block types kept as the file stores them (K-quants, Q5_0/Q5_1, IQ4_NL/IQ4_XS).
+"""GGUF block types kept as the file stores them (K-quants, Q5_0/Q5_1, IQ4_NL/IQ4_XS), and the
+kernels that run group-32 W4A16/W8A16 weights as GGUF blocks.
 
 Layout: kernels/ggml_blocks_ref.py (uint8 [out, row_bytes], the tensor's bytes in the file). GGUF's
-Q4_0, Q4_1 and Q8_0 do not come here: their blocks map exactly onto W4A16/W8A16 (loaders/gguf_blocks.py).
+Q4_0, Q4_1 and Q8_0 load as W4A16/W8A16, whose layouts hold them exactly (loaders/gguf_blocks.py);
+on CPUs without AVX-512 their kernels below rebuild the same blocks at load (CpuGGMLInt4Kernel,
+CpuGGMLInt8Kernel).
 """
 
 from __future__ import annotations
