@@ -108,9 +108,9 @@ def test_blocked_gemm_matches_dequantize_then_matmul(name, arithmetic, portable)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", cpu_ggml.TYPES)
 def test_dense_gemm_and_default_dispatch(name, dtype):
-    """From DENSE_ROWS (16-bit activations: DENSE_ROWS_INT8) rows the weight is dequantized and
-    multiplied in fp32; below, 16-bit activations take the int8 arithmetic. bf16 output rounding
-    (2^-9) bounds both."""
+    """From DENSE_ROWS rows (16-bit: DENSE_ROWS_INT8), or forced, the weight is dequantized and
+    multiplied in fp32; below, 16-bit rows take the int8 arithmetic. bf16 output rounding (2^-9)
+    bounds both."""
     gen = torch.Generator().manual_seed(11)
     blocks, what = _cases(name)[-1]
     k, w = in_features(name, blocks.shape[1]), dequantize_ref(blocks, name)
