@@ -33,11 +33,6 @@ def in_features(name: str, row_bytes: int) -> int:
     return row_bytes // type_size * block
 
 
-def bits_per_weight(name: str) -> float:
-    block, type_size = GGML_QUANT_SIZES[qtype(name)]
-    return 8 * type_size / block
-
-
 def dequantize_ref(blocks: torch.Tensor, name: str) -> torch.Tensor:
     """uint8 [N, row_bytes] -> fp32 [N, K], exactly gguf-py's values."""
     raw = blocks.detach().cpu().contiguous().numpy()

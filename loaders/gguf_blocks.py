@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
+from lowbit.kernels.ggml_blocks_ref import in_features
 from lowbit.kernels.w4a16_matmul import pack_int4
 from lowbit.runtime.quant import GGMLConfig, QuantizedWeight, W4A16Config, W8A16Config
 from lowbit.runtime.quant.ggml import TYPES as GGML_TYPES
@@ -72,11 +72,10 @@ def decode_dense(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> torch.Ten
 def ggml_blocks(raw: np.ndarray, qtype: Q) -> QuantizedWeight:
     """The rows' bytes, copied out of the file mapping (which is released after each tensor) into
     memory torch allocates (64-byte aligned; a numpy copy starts 16 bytes past a cache line)."""
-    block, _ = GGML_QUANT_SIZES[qtype]
     blocks = torch.empty(raw.shape, dtype=torch.uint8)
     blocks.numpy()[...] = raw
-    in_features = raw.shape[1] // GGML_QUANT_SIZES[qtype][1] * block
-    return QuantizedWeight(GGMLConfig(qtype.name), raw.shape[0], in_features, {"blocks": blocks})
+    k = in_features(qtype.name, raw.shape[1])
+    return QuantizedWeight(GGMLConfig(qtype.name), raw.shape[0], k, {"blocks": blocks})
 
 
 QUANTIZED = {
