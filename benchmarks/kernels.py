@@ -1,5 +1,6 @@
-"""GPU kernel benchmark: our Triton W4A16 / W8A8 GEMMs against torch fp16/bf16 matmul, and int8
-against fp16 paged decode attention, with the memory bandwidth measured in the same run.
+"""GPU kernel benchmark: our Triton W4A16 / W8A8 GEMMs and the GGUF-block GEMM (triton_ggml, per
+type) against torch fp16/bf16 matmul, and int8 against fp16 paged decode attention, with the memory
+bandwidth measured in the same run.
 
 Linear shapes are Llama-3-8B's (K x N): o_proj 4096x4096, gate/up 4096x14336, down 14336x4096,
 qkv 4096x6144, at M = 1 ... 4096. Printed per row: time, speed-up over the dense matmul in the same
@@ -20,7 +21,9 @@ from functools import partial
 
 import torch
 
+from lowbit.kernels.ggml_blocks_ref import row_bytes
 from lowbit.kernels.triton_decode_attention import paged_decode_attention_triton
+from lowbit.kernels.triton_ggml import ggml_matmul_triton
 from lowbit.kernels.triton_kv_store import kv_store_triton
 from lowbit.kernels.triton_w4a16 import pack_w4a16_triton, w4a16_matmul_triton
 from lowbit.kernels.triton_w8a8 import pack_w8a8_triton, w8a8_matmul_triton
@@ -29,6 +32,10 @@ LINEAR_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (4096, 6144))  # (K
 BATCH_SIZES = (1, 4, 16, 64, 256, 1024, 4096)
 CONTEXTS = (1024, 4096, 8192, 32768)
 SMOKE_LINEAR, SMOKE_BATCH, SMOKE_CONTEXTS = ((128, 96),), (1, 20, 80), (64,)
+# The block types of the GGUF files people download (Q4_K_M = Q4_K + Q6_K, Q3_K_M = Q3_K + ...).
+GGML_TYPES = ("Q4_K", "Q5_K", "Q6_K", "Q3_K", "IQ4_XS", "Q8_0", "Q5_0")
+GGML_BATCH_SIZES = (1, 16, 256, 4096)
+SMOKE_GGML = ((256, 96),), ("Q4_K", "Q5_0"), (1, 20, 300)
 
 
 def bench(fn: Callable[[], object], device: torch.device) -> float:
@@ -86,6 +93,24 @@ def linear_rows(device: torch.device, shapes, batch_sizes, bandwidth: float, gro
                   f"| {bf16:.4f} | {q8:.4f} | {bf16 / q8:.2f}x |")  # fmt: skip
 
 
+def ggml_rows(device: torch.device, shapes, types, batch_sizes, bandwidth: float) -> None:
+    """GGUF blocks on kernels/triton_ggml.py against fp16 matmul; random bytes (values do not change
+    the time), and the share of the measured bandwidth the block bytes read per call would need."""
+    print("| type | K x N | M | fp16 ms | ggml ms | ggml / fp16 | % of bandwidth |")
+    print("|---|---|---|---|---|---|---|")
+    for k, n in shapes:
+        w16 = torch.randn(n, k, dtype=torch.float16, device=device) * 0.02
+        for qtype in types:
+            blocks = torch.randint(0, 256, (n, row_bytes(qtype, k)), dtype=torch.uint8, device=device)
+            for m in batch_sizes:
+                x = torch.randn(m, k, dtype=torch.float16, device=device)
+                fp16 = bench(partial(torch.matmul, x, w16.T), device)
+                ms = bench(partial(ggml_matmul_triton, x, blocks, qtype), device)
+                share = (blocks.numel() + 2 * m * (k + n)) / (ms * 1e-3) / 1e9 / bandwidth
+                print(f"| {qtype} | {k}x{n} | {m} | {fp16:.4f} | {ms:.4f} | {fp16 / ms:.2f}x "
+                      f"| {100 * share:.0f}% |")  # fmt: skip
+
+
 def decode_cache(kv_dtype: str, context: int, batch: int, kv_heads: int, head_dim: int, device):
     """A filled paged cache (block size 16) with scattered block tables, written by our KV store."""
     block = 16
@@ -137,6 +162,11 @@ def main() -> None:
     shapes, batches = (SMOKE_LINEAR, SMOKE_BATCH) if args.smoke else (LINEAR_SHAPES, BATCH_SIZES)
     group = 32 if args.smoke else 128
     linear_rows(device, shapes, batches, bandwidth, group)
+    print()
+    if args.smoke:
+        ggml_rows(device, *SMOKE_GGML, bandwidth)
+    else:
+        ggml_rows(device, LINEAR_SHAPES[:3], GGML_TYPES, GGML_BATCH_SIZES, bandwidth)
     print()
     if args.smoke:
         attention_rows(device, SMOKE_CONTEXTS, batch=2, heads=(4, 2), head_dim=32)

@@ -8,6 +8,7 @@ the Triton path for a CPU model too, so a whole model can be checked through the
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -37,3 +38,23 @@ def next_power_of_2(n: int) -> int:
 
 def use_triton(device: torch.device) -> bool:
     return triton_unavailable(device) is None
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # the interpreter runs programs one after another: nothing to fill
+
+
+def split_k_plan(programs: int, k_blocks: int, device: torch.device, split_k: int | None) -> tuple[int, int]:
+    """(splits, blocks per split) for a split-K launch of `programs` tiles over `k_blocks` blocks of
+    the input dim: by default enough programs for ~4 per SM (split_k: at most that many splits);
+    never an empty split."""
+    if split_k is None:
+        target = 4 * num_sms(device)
+        split_k = 1 if programs >= target else -(-target // programs)
+    if split_k < 1:
+        raise ValueError(f"triton: split_k must be >= 1, got {split_k}")
+    per_split = -(-k_blocks // min(split_k, k_blocks))
+    return -(-k_blocks // per_split), per_split

@@ -42,7 +42,6 @@ rounded to it; the tests state their bounds per dtype.
 
 from __future__ import annotations
 
-import functools
 import sys
 from collections.abc import Mapping
 
@@ -51,6 +50,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .triton_support import split_k_plan
 from .w4a16_matmul import unpack_int4
 
 PACK_BLOCK = 128  # input columns per interleave block (16 int32 words x 8 nibbles); the kernels' BLOCK_K
@@ -320,24 +320,6 @@ def _check_x(x: torch.Tensor, packed: Mapping[str, torch.Tensor], k: int, group_
     return x.numel() // k
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1  # the interpreter runs programs one after another: nothing to fill
-
-
-def _split_k(programs: int, k_blocks: int, device: torch.device, split_k: int | None) -> tuple[int, int]:
-    """(splits, blocks per split): by default enough programs for ~4 per SM; never an empty split."""
-    if split_k is None:
-        target = 4 * _num_sms(device)
-        split_k = 1 if programs >= target else triton.cdiv(target, programs)
-    if split_k < 1:
-        raise ValueError(f"w4a16 triton: split_k must be >= 1, got {split_k}")
-    per_split = triton.cdiv(k_blocks, min(split_k, k_blocks))
-    return triton.cdiv(k_blocks, per_split), per_split
-
-
 def _check_block(name: str, value: int) -> None:
     if value < 16 or value != triton.next_power_of_2(value):
         raise ValueError(f"w4a16 triton: {name} must be a power of two >= 16, got {value}")
@@ -363,7 +345,7 @@ def _launch(
     k_blocks = triton.cdiv(k, PACK_BLOCK)
     grid_m = m if block_m == 1 else triton.cdiv(m, block_m)
     grid_n = triton.cdiv(n, block_n)
-    splits, per_split = _split_k(grid_m * grid_n, k_blocks, x.device, split_k)
+    splits, per_split = split_k_plan(grid_m * grid_n, k_blocks, x.device, split_k)
     # One split writes the output directly; several write fp32 partials that torch sums in order.
     out_dtype = x.dtype if splits == 1 else torch.float32
     out = torch.empty(splits, m, n, dtype=out_dtype, device=x.device)  # [SPLIT, M, N]

@@ -1,7 +1,8 @@
 """GGUF block types kept as the file stores them (K-quants, Q5_0/Q5_1, IQ4_NL/IQ4_XS), and the
 kernels that run group-32 W4A16/W8A16 weights as GGUF blocks.
 
-Layout: kernels/ggml_blocks_ref.py (uint8 [out, row_bytes], the tensor's bytes in the file). GGUF's
+Layout: kernels/ggml_blocks_ref.py (uint8 [out, row_bytes], the tensor's bytes in the file), run by
+kernels/cpu/ggml.py on CPU and kernels/triton_ggml.py on CUDA, both on those bytes as they are. GGUF's
 Q4_0, Q4_1 and Q8_0 load as W4A16/W8A16, whose layouts hold them exactly (loaders/gguf_blocks.py);
 on CPUs without AVX-512 their kernels below rebuild the same blocks at load (CpuGGMLInt4Kernel,
 CpuGGMLInt8Kernel).
@@ -16,8 +17,9 @@ import torch
 from lowbit.kernels import ggml_blocks_ref as ref
 from lowbit.kernels.cpu import extension
 from lowbit.kernels.cpu import ggml as cpu_ggml
+from lowbit.kernels.triton_support import triton_unavailable
 
-from .base import DequantizedKernel, LinearKernel, QuantConfig, QuantLinearMethod, TensorSpec
+from .base import DequantizedKernel, LinearKernel, QuantConfig, QuantLinearMethod, TensorSpec, TritonKernel
 
 TYPES = cpu_ggml.TYPES
 
@@ -132,8 +134,54 @@ class CpuGGMLInt8Kernel(LinearKernel):
         return [packed["blocks"]], -ref.qtype("Q8_0").value
 
 
+class TritonGGMLKernel(TritonKernel):
+    """kernels/triton_ggml.py on the file's blocks (every block decoded in registers); rows stay
+    readable for a tied embedding."""
+
+    name = "triton-ggml"
+    module = "triton_ggml"
+    keeps_rows = True
+
+    def pack(self, tensors):
+        return {"blocks": tensors["blocks"].to(self.device).contiguous()}
+
+    def apply(self, x, packed):
+        return self.ops.ggml_matmul_triton(x, packed["blocks"], self.config.qtype)
+
+    def gather_rows(self, packed, rows):
+        return {"blocks": packed["blocks"][rows]}
+
+
+class TritonGGMLInt8Kernel(TritonKernel):
+    """W8A16 group-32 weights with fp16 scales (GGUF Q8_0) on CUDA, as the exact Q8_0 blocks
+    through kernels/triton_ggml.py (W8A16 has no Triton GEMM of its own); rows stay readable."""
+
+    name = "triton-ggml-int8"
+    module = "triton_ggml"
+    keeps_rows = True
+
+    @classmethod
+    def can_implement(cls, config, out_features, in_features, device, dtype):
+        if config.group_size != 32:
+            return "GGUF Q8_0 blocks hold groups of 32"
+        return super().can_implement(config, out_features, in_features, device, dtype)
+
+    def can_pack(self, tensors):
+        return None if cpu_ggml.fp16_exact(tensors["scales"]) else "scales are not fp16 values"
+
+    def pack(self, tensors):
+        blocks = cpu_ggml.int8_blocks(tensors["qweight"].cpu(), tensors["scales"].cpu())
+        return {"blocks": blocks.to(self.device)}
+
+    def apply(self, x, packed):
+        return self.ops.ggml_matmul_triton(x, packed["blocks"], "Q8_0")
+
+    def gather_rows(self, packed, rows):
+        return cpu_ggml.q8_0_rows(packed["blocks"][rows])
+
+
 class GGMLMethod(QuantLinearMethod):
-    kernels = (CpuGGMLKernel, DequantizedKernel)
+    kernels = (TritonGGMLKernel, CpuGGMLKernel, DequantizedKernel)
 
     def create_weights(self, in_features, out_features):
         return {
@@ -141,9 +189,15 @@ class GGMLMethod(QuantLinearMethod):
         }
 
     def dequantize(self, tensors):
-        """fp32 [out, in]; the compiled dequantizer where it is built (same values, ~100x faster)."""
+        """fp32 [out, in], gguf-py's values; computed where the blocks are: the compiled CPU
+        dequantizer, the Triton one on CUDA (an embedding lookup per step stays on the GPU), else
+        gguf-py itself."""
         blocks = tensors["blocks"]
         if blocks.device.type == "cpu" and cpu_ggml.supports(self.config.qtype) is None:
             in_features = ref.in_features(self.config.qtype, blocks.shape[1])
             return cpu_ggml.dequantize(blocks, in_features, self.config.qtype)
+        if blocks.device.type == "cuda" and triton_unavailable(blocks.device) is None:
+            from lowbit.kernels import triton_ggml  # imports triton: only where a GPU has the blocks
+
+            return triton_ggml.dequantize_ggml_triton(blocks.contiguous(), self.config.qtype).contiguous()
         return ref.dequantize_ref(blocks, self.config.qtype).to(blocks.device)

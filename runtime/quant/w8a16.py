@@ -11,7 +11,7 @@ from lowbit.kernels import w8a16_matmul as k8
 from lowbit.kernels.cpu import gemm as cpu_gemm
 
 from .base import DequantizedKernel, LinearKernel, QuantConfig, QuantLinearMethod, TensorSpec, cpu_bf16_only
-from .ggml import CpuGGMLInt8Kernel
+from .ggml import CpuGGMLInt8Kernel, TritonGGMLInt8Kernel
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,13 @@ class CpuInt8PackKernel(LinearKernel):
 
 
 class W8A16Method(QuantLinearMethod):
-    kernels = (CpuGGMLInt8Kernel, CpuGroupInt8Kernel, CpuInt8PackKernel, DequantizedKernel)
+    kernels = (
+        TritonGGMLInt8Kernel,
+        CpuGGMLInt8Kernel,
+        CpuGroupInt8Kernel,
+        CpuInt8PackKernel,
+        DequantizedKernel,
+    )
 
     def create_weights(self, in_features, out_features):
         group = self.config.group_size or in_features

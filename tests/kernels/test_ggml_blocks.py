@@ -8,9 +8,6 @@ quantizer (tests/data/gguf/llama3: every type in the 12 presets of a tiny Llama 
 
 from __future__ import annotations
 
-from functools import cache
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -19,27 +16,13 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from lowbit.kernels.cpu import extension
 from lowbit.kernels.cpu import ggml as cpu_ggml
 from lowbit.kernels.ggml_blocks_ref import dequantize_ref, ggml_matmul_ref, in_features
-from lowbit.loaders.gguf_file import read_gguf
 
-FIXTURES = Path(__file__).parents[1] / "data" / "gguf" / "llama3"
+from .ggml_fixtures import cut_cases, tensors_of
+
 pytestmark = pytest.mark.skipif(
     extension.load() is None, reason="no C++ compiler: the torch kernels are used instead"
 )
 ROWS = [1, 2, 7, 8, 16, 64, 300]
-
-
-@cache
-def tensors_of(name: str) -> list[tuple[str, torch.Tensor]]:
-    """(where, uint8 [N, row_bytes]) of every 2-D tensor of type `name` in the fixtures."""
-    found = []
-    for path in sorted(FIXTURES.glob("*.gguf")):
-        gguf = read_gguf(path)
-        for info in gguf.tensors.values():
-            if info.qtype.name == name and len(info.shape) == 2:
-                found.append(
-                    (f"{path.name}:{info.name}", torch.from_numpy(gguf.tensor_bytes(info.name).copy()))
-                )
-    return found
 
 
 def test_fixtures_cover_every_type():
@@ -57,16 +40,6 @@ def test_dequantize_equals_gguf_bit_for_bit(name):
         assert got.shape == expected.shape, where
         if not np.array_equal(got.view(np.uint32), expected.view(np.uint32)):
             np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32), err_msg=where)
-
-
-def _cases(name: str) -> list[tuple[torch.Tensor, str]]:
-    """Weights cut from a real tensor: an odd number of rows, and inner sizes of one block, an odd
-    number of blocks, and the whole row."""
-    where, blocks = max(tensors_of(name), key=lambda t: t[1].shape[1])
-    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[name]]
-    n_blocks = blocks.shape[1] // type_size
-    cuts = sorted({1, max(1, n_blocks // 2) | 1, n_blocks})
-    return [(blocks[:37, : c * type_size].contiguous(), f"{where} N=37 K={c * block}") for c in cuts]
 
 
 PATHS = [pytest.param(False, id="avx2"), pytest.param(True, id="portable")]
@@ -87,7 +60,7 @@ def _int8_rounding_bound(x: torch.Tensor, w: torch.Tensor, name: str) -> torch.T
 @pytest.mark.parametrize("name", cpu_ggml.TYPES)
 def test_blocked_gemm_matches_dequantize_then_matmul(name, arithmetic, portable):
     gen = torch.Generator().manual_seed(7)
-    for blocks, what in _cases(name):
+    for blocks, what in cut_cases(name):
         k, w = in_features(name, blocks.shape[1]), dequantize_ref(blocks, name)
         for m in ROWS:
             x = torch.randn(m, k, generator=gen)
@@ -112,7 +85,7 @@ def test_dense_gemm_and_default_dispatch(name, dtype):
     multiplied in fp32; below, 16-bit rows take the int8 arithmetic. bf16 output rounding (2^-9)
     bounds both."""
     gen = torch.Generator().manual_seed(11)
-    blocks, what = _cases(name)[-1]
+    blocks, what = cut_cases(name)[-1]
     k, w = in_features(name, blocks.shape[1]), dequantize_ref(blocks, name)
     for m in ROWS:
         x = torch.randn(m, k, generator=gen).to(dtype)

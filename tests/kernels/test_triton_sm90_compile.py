@@ -43,6 +43,7 @@ MODULES = [
     "triton_rms_norm",
     "triton_rotary",
     "triton_w4a16",
+    "triton_ggml",
 ]
 # sm_90 limits (CUDA programming guide, compute capability 9.0).
 MAX_SHARED_PER_BLOCK = 227 * 1024  # bytes, opt-in maximum; an SM has 228 KiB

@@ -296,8 +296,9 @@ def _group(model: dict) -> int:
 
 def _patch_sm_count(module: Any, name: str) -> None:
     """Launchers that size split-K from the SM count see an H100/H200 (their CPU fallback is tiny)."""
-    if hasattr(module, name):
-        setattr(module, name, lambda device: GPU_SMS)
+    if not hasattr(module, name):  # a rename must not silently compile the 1-SM launches instead
+        raise AttributeError(f"{module.__name__} has no {name}")
+    setattr(module, name, lambda device: GPU_SMS)
 
 
 @case("triton_act_quant")
@@ -426,9 +427,10 @@ def _rotary(rec: Recorder) -> None:
 
 @case("triton_w4a16")
 def _w4a16(rec: Recorder) -> None:
+    from lowbit.kernels import triton_support
     from lowbit.kernels import triton_w4a16 as mod
 
-    _patch_sm_count(mod, "_num_sms")
+    _patch_sm_count(triton_support, "num_sms")
     n, k = LLAMA["hidden"], LLAMA["hidden"]
     # Rows: 1 = FMA GEMV, 8 = 16-row dots (gemv path), 32 / 128 = the two gemm tiles, above
     # DENSE_M_THRESHOLD = the dequantize kernel (+ torch.matmul, on CPU here). At N = K = 4096 on 132
@@ -462,6 +464,28 @@ def _w4a16_packed(n: int, k: int, dtype: torch.dtype, group_size: int, act_order
     if act_order:
         packed["perm"] = torch.arange(k, dtype=torch.int32)  # [K]
     return packed
+
+
+@case("triton_ggml")
+def _ggml(rec: Recorder) -> None:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from lowbit.kernels import triton_ggml as mod
+    from lowbit.kernels import triton_support
+
+    _patch_sm_count(triton_support, "num_sms")
+    n, k = LLAMA["hidden"], LLAMA["hidden"]
+    # Every type at M = 1 (FMA GEMV, split-K) in bf16 and at M = 8 (16-row dots) in fp16; the 32-row
+    # and 64-row tiles and the dequantize kernel on the commonest K-quant; fp32 on one of each
+    # block size. One launch per type: each type is its own constexpr specialisation.
+    variants = [(t, BF16, 1) for t in mod.TYPES] + [(t, F16, 8) for t in mod.TYPES]
+    variants += [("Q4_K", BF16, 32), ("Q4_K", F16, 64), ("Q4_K", F16, mod.DENSE_M_THRESHOLD + 1)]
+    variants += [("Q6_K", F32, 1), ("Q5_0", F32, 8), ("IQ4_XS", F32, 64)]
+    for qtype, dtype, m in variants:
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+        blocks = torch.zeros(n, k // block * type_size, dtype=torch.uint8)
+        with rec.variant(f"ggml {qtype} {_name(dtype)} M={m} N={n} K={k}", dtype):
+            mod.ggml_matmul_triton(torch.zeros(m, k, dtype=dtype), blocks, qtype)
 
 
 # --- main --------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from lowbit.runtime.backends.sampler import SAMPLER_BACKENDS
 from lowbit.runtime.layers.decode_layer import CompiledCPULayers
 from lowbit.runtime.models.config import ModelConfig
 from lowbit.runtime.models.llama import LlamaForCausalLM
-from lowbit.runtime.quant import QuantizedWeight, W4A16Config, W8A8Config, W8A16Config, method_for
+from lowbit.runtime.quant import GGMLConfig, QuantizedWeight, W4A16Config, W8A8Config, W8A16Config, method_for
 from lowbit.runtime.quant.rtn import quantize_w4a16_rtn
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
@@ -40,6 +40,9 @@ def test_cuda_takes_the_triton_gemms(dtype):
     assert kernel_name(W4A16Config(group_size=32), CUDA, dtype) == "triton-w4a16"
     assert kernel_name(W4A16Config(group_size=128, act_order=True), CUDA, dtype) == "triton-w4a16"
     assert kernel_name(W8A8Config(), CUDA, dtype) == "triton-w8a8"
+    assert kernel_name(W8A16Config(group_size=32), CUDA, dtype) == "triton-ggml-int8"
+    for qtype in ("Q4_K", "Q6_K", "IQ4_XS", "Q5_0"):
+        assert kernel_name(GGMLConfig(qtype), CUDA, dtype, shape=(64, 256)) == "triton-ggml"
     assert use_triton(CUDA)
 
 
@@ -61,6 +64,8 @@ def test_cpu_takes_the_cpu_kernels(monkeypatch):
         int8_g32 if compiled else "dequantized"
     )
     assert kernel_name(W8A8Config(), CPU, torch.bfloat16) == "cpu-int-mm"
+    ggml = "cpu-ggml" if compiled else "dequantized"
+    assert kernel_name(GGMLConfig("Q4_K"), CPU, torch.bfloat16, shape=(64, 256)) == ggml
     assert not use_triton(CPU)
 
 
@@ -91,6 +96,7 @@ def test_cpu_opt_in_to_the_interpreter(monkeypatch):
     monkeypatch.setenv("LOWBIT_TRITON_ON_CPU", "1")
     assert use_triton(CPU)
     assert kernel_name(W4A16Config(group_size=32), CPU, torch.bfloat16) == "triton-w4a16"
+    assert kernel_name(GGMLConfig("Q3_K"), CPU, torch.bfloat16, shape=(64, 256)) == "triton-ggml"
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the opt-in alone never compiles for a CPU
     assert not use_triton(CPU)
 
