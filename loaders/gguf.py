@@ -1,8 +1,12 @@
-"""GGUF loader: llama-family GGUF files -> `Checkpoint` with weights kept in packed form.
+"""GGUF loader: llama-family GGUF files (llama, mistral, qwen2, qwen3) -> `Checkpoint` with weights
+kept in packed form.
 
-Tensor names are mapped to HF's. llama.cpp's converter permutes the rows of attn_q/attn_k so that
-rotary pairs are adjacent (its interleaved RoPE); we permute them back (a row permutation, exact on
-packed data) and use HF's rotate-half RoPE for every format.
+Tensor names are mapped to HF's (llama.cpp's names: gguf's TENSOR_NAMES). For the `llama` and
+`mistral` architectures llama.cpp's converter permutes the rows of attn_q/attn_k so that rotary
+pairs are adjacent (its interleaved RoPE); we permute them back (a row permutation, exact on packed
+data) and use HF's rotate-half RoPE for every format. Qwen2/Qwen3 files are stored unpermuted
+(NeoX RoPE, which is rotate-half). A family's options come from the tensors the file has: q/k/v
+biases (`attn_q.bias`, Qwen2), an o bias, q/k norms (`attn_q_norm`, Qwen3).
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from .gguf_blocks import decode_tensor
 from .gguf_file import GGUFFile, read_gguf
 from .tokenizer import tokenizer_from_gguf
 
-ARCHITECTURES = ("llama", "mistral")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+# Architectures whose converter permutes q/k rows for llama.cpp's interleaved RoPE.
+_PERMUTED = ("llama", "mistral")
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -39,8 +45,10 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
 }
-_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -48,7 +56,7 @@ def hf_name(gguf_name: str) -> str | None:
         return _GLOBAL_NAMES[gguf_name]
     match = _LAYER_RE.fullmatch(gguf_name)
     if match and match.group(2) in _LAYER_NAMES:
-        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.weight"
+        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.{match.group(3)}"
     return None
 
 
@@ -83,8 +91,9 @@ def model_config(gguf: GGUFFile) -> ModelConfig:
     vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
     if not vocab:
         raise ValueError(f"{path}: GGUF metadata gives no vocabulary size")
+    has = gguf.tensors.__contains__
     return ModelConfig(
-        architecture="llama",
+        architecture=arch,
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=_get(meta, arch, "feed_forward_length", path=path),
@@ -97,6 +106,10 @@ def model_config(gguf: GGUFFile) -> ModelConfig:
         max_position_embeddings=_get(meta, arch, "context_length", path=path),
         tie_word_embeddings="output.weight" not in gguf.tensors,
         rope_scaling=scaling,
+        qkv_bias=has("blk.0.attn_q.bias"),
+        o_bias=has("blk.0.attn_output.bias"),
+        mlp_bias=has("blk.0.ffn_down.bias"),
+        qk_norm=has("blk.0.attn_q_norm.weight"),
     )
 
 
@@ -106,10 +119,12 @@ class _GGUFWeights:
     def __init__(self, gguf: GGUFFile, config: ModelConfig):
         self.gguf = gguf
         self.by_hf = {hf_name(n): n for n in gguf.tensors if hf_name(n) is not None}
-        self.unpermute = {
-            "q_proj": rotary_unpermutation(config.num_heads, config.head_dim),
-            "k_proj": rotary_unpermutation(config.num_kv_heads, config.head_dim),
-        }
+        self.unpermute = {}
+        if config.architecture in _PERMUTED:
+            self.unpermute = {
+                "q_proj": rotary_unpermutation(config.num_heads, config.head_dim),
+                "k_proj": rotary_unpermutation(config.num_kv_heads, config.head_dim),
+            }
 
     def __call__(self, name: str) -> WeightLike:
         gguf_name = self.by_hf[name]

@@ -1,4 +1,7 @@
-"""`ModelConfig` <-> HF `config.json` for Llama-family models (transformers 4 and 5 rope keys)."""
+"""`ModelConfig` <-> HF `config.json` for Llama-family models (transformers 4 and 5 rope keys):
+Llama, Mistral, Qwen2/Qwen2.5 and Qwen3 (dense). Each family's differences are read from the
+fields its transformers config class defines (LlamaConfig.attention_bias/mlp_bias, Qwen2's q/k/v
+biases, Qwen3's q/k norms, Mistral's sliding_window)."""
 
 from __future__ import annotations
 
@@ -7,7 +10,14 @@ from typing import Any
 
 from lowbit.runtime.models.config import ModelConfig, RopeScaling
 
-MODEL_TYPES = ("llama", "mistral")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# model_type -> the HF class name written back by to_hf_config.
+HF_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 
 
 def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling]:
@@ -30,6 +40,24 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling]:
     raise ValueError(f"rope scaling {kind!r} is not supported (supported: default, linear, llama3)")
 
 
+def _family(cfg: dict[str, Any], model_type: str, path: Path | str) -> dict[str, Any]:
+    """The ModelConfig fields in which a family differs from plain Llama."""
+    bias = bool(cfg.get("attention_bias", False))  # Llama and Qwen3: q, k, v and o
+    fields: dict[str, Any] = {"qkv_bias": bias, "o_bias": bias, "mlp_bias": bool(cfg.get("mlp_bias", False))}
+    if model_type == "mistral":
+        fields["sliding_window"] = cfg.get("sliding_window")
+    if model_type in ("qwen2", "qwen3"):
+        if cfg.get("use_sliding_window"):
+            # Qwen's window applies only from layer max_window_layers on; no released model uses it.
+            raise ValueError(f"{path}: {model_type} with use_sliding_window=true is not supported")
+        fields["mlp_bias"] = False
+    if model_type == "qwen2":  # Qwen2Attention: bias on q/k/v, none on o
+        fields.update(qkv_bias=True, o_bias=False)
+    if model_type == "qwen3":
+        fields["qk_norm"] = True
+    return fields
+
+
 def from_hf_config(cfg: dict[str, Any], path: Path | str) -> ModelConfig:
     model_type = cfg.get("model_type")
     if model_type not in MODEL_TYPES:
@@ -37,7 +65,7 @@ def from_hf_config(cfg: dict[str, Any], path: Path | str) -> ModelConfig:
     heads = cfg["num_attention_heads"]
     theta, scaling = _rope(cfg)
     return ModelConfig(
-        architecture="llama",
+        architecture=model_type,
         vocab_size=cfg["vocab_size"],
         hidden_size=cfg["hidden_size"],
         intermediate_size=cfg["intermediate_size"],
@@ -50,6 +78,7 @@ def from_hf_config(cfg: dict[str, Any], path: Path | str) -> ModelConfig:
         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         rope_scaling=scaling,
+        **_family(cfg, model_type, path),
     )
 
 
@@ -66,9 +95,24 @@ def to_hf_config(config: ModelConfig, dtype: str = "float16") -> dict[str, Any]:
             original_max_position_embeddings=s.original_max_position_embeddings,
         )
     legacy_scaling = None if s.kind == "default" else {k: v for k, v in rope.items() if k != "rope_theta"}
+    arch = config.architecture
+    if arch not in HF_CLASSES:
+        raise ValueError(f"no HF config for architecture {arch!r} (supported: {list(HF_CLASSES)})")
+    # What each family's HF class can express.
+    if config.qk_norm != (arch == "qwen3") or (arch == "qwen2" and not config.qkv_bias):
+        raise ValueError(f"{arch}: q/k norms are Qwen3's alone and Qwen2 always has q/k/v biases")
+    if config.qkv_bias != config.o_bias and arch != "qwen2":
+        raise ValueError(f"{arch}: HF's attention_bias sets q/k/v and o biases together")
+    family: dict[str, Any] = {"attention_bias": config.o_bias, "mlp_bias": config.mlp_bias}
+    if arch == "qwen2":
+        family = {"use_sliding_window": False}
+    elif arch == "qwen3":
+        family = {"attention_bias": config.o_bias, "use_sliding_window": False}
+    elif arch == "mistral":
+        family["sliding_window"] = config.sliding_window
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [HF_CLASSES[arch]],
+        "model_type": arch,
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
@@ -83,7 +127,6 @@ def to_hf_config(config: ModelConfig, dtype: str = "float16") -> dict[str, Any]:
         "rope_theta": config.rope_theta,  # transformers 4
         "rope_scaling": legacy_scaling,  # transformers 4
         "rope_parameters": rope,  # transformers 5
-        "attention_bias": False,
-        "mlp_bias": False,
         "torch_dtype": dtype,
+        **family,
     }

@@ -88,18 +88,25 @@ torch::Tensor argmax_rows(torch::Tensor logits) {
   return out;
 }
 
+// An empty tensor stands for "none" across the Python boundary; kept as an undefined one.
+static torch::Tensor optional_tensor(torch::Tensor t) { return t.numel() == 0 ? torch::Tensor() : t; }
+
 DecodeLayer::DecodeLayer(torch::Tensor input_norm, torch::Tensor post_norm, double eps,
                          std::vector<std::vector<torch::Tensor>> parts, std::vector<int64_t> codes,
-                         std::vector<int64_t> parts_per_projection, int64_t num_heads, int64_t kv_heads,
+                         std::vector<int64_t> parts_per_projection, std::vector<torch::Tensor> biases,
+                         torch::Tensor q_norm, torch::Tensor k_norm, int64_t num_heads, int64_t kv_heads,
                          double scale, torch::ScalarType dtype)
     : input_norm_(std::move(input_norm)),
       post_norm_(std::move(post_norm)),
+      q_norm_(optional_tensor(std::move(q_norm))),
+      k_norm_(optional_tensor(std::move(k_norm))),
       eps_(eps),
       num_heads_(num_heads),
       kv_heads_(kv_heads),
       scale_(scale),
       dtype_(dtype) {
-  TORCH_CHECK(parts_per_projection.size() == 4, "projections: expected qkv, o, gate_up, down");
+  TORCH_CHECK(parts_per_projection.size() == 4 && biases.size() == 4, "projections: expected qkv, o, gate_up, down");
+  TORCH_CHECK(q_norm_.defined() == k_norm_.defined(), "q and k norms come together");
   TORCH_CHECK(parts.size() == codes.size(), "one code per projection part");
   std::vector<Projection*> order = {&qkv_, &o_, &gate_up_, &down_};
   size_t next = 0;
@@ -112,6 +119,7 @@ DecodeLayer::DecodeLayer(torch::Tensor input_norm, torch::Tensor post_norm, doub
       order[p]->parts.push_back({packed, codes[next]});
     }
     TORCH_CHECK(!order[p]->parts.empty(), "a projection needs at least one part");
+    order[p]->bias = optional_tensor(biases[p]);
   }
   TORCH_CHECK(next == parts.size(), "more projection parts than counted");
 }
@@ -123,10 +131,23 @@ torch::Tensor DecodeLayer::Part::operator()(const torch::Tensor& x, torch::Scala
 }
 
 torch::Tensor DecodeLayer::Projection::operator()(const torch::Tensor& x, torch::ScalarType dtype) const {
-  if (parts.size() == 1) return parts[0](x, dtype);
-  std::vector<torch::Tensor> outputs;
-  for (const auto& part : parts) outputs.push_back(part(x, dtype));
-  return torch::cat(outputs, -1);
+  torch::Tensor y;
+  if (parts.size() == 1) {
+    y = parts[0](x, dtype);
+  } else {
+    std::vector<torch::Tensor> outputs;
+    for (const auto& part : parts) outputs.push_back(part(x, dtype));
+    y = torch::cat(outputs, -1);
+  }
+  return bias.defined() ? y.add_(bias) : y;  // as the eager Linear: after the GEMM, in the dtype
+}
+
+// Qwen3's q/k norm over each head, in place, with the eager HeadRMSNorm's ops and roundings:
+// normalized in fp32, cast back, then scaled.
+static void head_rms_norm_(torch::Tensor x, const torch::Tensor& weight, double eps) {
+  const auto xf = x.to(torch::kFloat);
+  const auto normed = xf * torch::rsqrt(xf.pow(2).mean(-1, true) + eps);
+  x.copy_(normed.to(x.scalar_type()) * weight);
 }
 
 torch::Tensor DecodeLayer::forward(c10::optional<torch::Tensor> x, torch::Tensor residual, torch::Tensor cos,
@@ -139,6 +160,10 @@ torch::Tensor DecodeLayer::forward(c10::optional<torch::Tensor> x, torch::Tensor
   const auto normed = add_rms_norm(x.has_value() ? *x : torch::zeros_like(residual), residual, input_norm_, eps_,
                                    dtype_);
   const auto heads = qkv_(normed, dtype_).view({tokens, num_heads_ + 2 * kv_heads_, head_dim});
+  if (q_norm_.defined()) {
+    head_rms_norm_(heads.narrow(1, 0, num_heads_), q_norm_, eps_);
+    head_rms_norm_(heads.narrow(1, num_heads_, kv_heads_), k_norm_, eps_);
+  }
   const auto q = rotary_kv_store(heads, cos, sin, num_heads_, kv_heads_, k_cache, v_cache, slots, k_scale, v_scale);
   const auto attn = paged_decode_attention(q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens, scale_);
   const auto projected = o_(attn.reshape({tokens, -1}).to(dtype_), dtype_);

@@ -46,13 +46,15 @@ def supports(name: str) -> str | None:
     return None
 
 
-def _type_id(name: str) -> int:
+def type_id(name: str) -> int:
+    """ggml's id of the type (gguf.GGMLQuantizationType): what the C++ kernels and the compiled
+    decode layer (as -id) are told."""
     return GGMLQuantizationType[name].value
 
 
 def dequantize(blocks: torch.Tensor, in_features: int, name: str) -> torch.Tensor:
     """uint8 [N, row_bytes] -> fp32 [N, K], equal to gguf-py's values."""
-    return extension.load().ggml_dequantize(blocks.contiguous(), in_features, _type_id(name))
+    return extension.load().ggml_dequantize(blocks.contiguous(), in_features, type_id(name))
 
 
 def gemm(
@@ -76,7 +78,7 @@ def gemm(
     if dense:
         y = _dense_gemm(x2.float(), blocks, name)
     else:
-        y = extension.load().ggml_gemm(x2, blocks, _type_id(name), int8_activations, portable)
+        y = extension.load().ggml_gemm(x2, blocks, type_id(name), int8_activations, portable)
     return y.to(x.dtype).reshape(*lead, blocks.shape[0])
 
 

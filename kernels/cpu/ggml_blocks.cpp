@@ -83,17 +83,6 @@ __attribute__((optimize("fp-contract=off"), noinline)) void affine(const int8_t*
   }
 }
 
-// K-quants' 6-bit scale and min of sub-block j from the 12 packed bytes (gguf-py get_scale_min).
-inline void scale_min_k4(const uint8_t* s, int j, uint8_t& sc, uint8_t& mn) {
-  if (j < 4) {
-    sc = s[j] & 63;
-    mn = s[j + 4] & 63;
-  } else {
-    sc = (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
-    mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-  }
-}
-
 #if defined(__AVX2__)
 inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 inline void store32(int8_t* p, __m256i v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }

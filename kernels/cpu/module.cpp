@@ -20,6 +20,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax_rows", &ops::argmax_rows, "first maximum of each row of fp32 logits");
   pybind11::class_<ops::DecodeLayer>(m, "DecodeLayer")
       .def(pybind11::init<torch::Tensor, torch::Tensor, double, std::vector<std::vector<torch::Tensor>>,
-                          std::vector<int64_t>, std::vector<int64_t>, int64_t, int64_t, double, torch::ScalarType>())
+                          std::vector<int64_t>, std::vector<int64_t>, std::vector<torch::Tensor>, torch::Tensor,
+                          torch::Tensor, int64_t, int64_t, double, torch::ScalarType>())
       .def("forward", &ops::DecodeLayer::forward, "the layer's output; residual is updated in place");
 }

@@ -73,10 +73,13 @@ class DecodeLayer {
  public:
   // Each projection (qkv, o, gate_up, down, in that order) is parts_per_projection[p] consecutive
   // parts whose outputs are concatenated; a part is [q, scales] (int8) or [q, scales, mins] (int4)
-  // with its group size as code, or [blocks] of GGUF blocks with code -ggml_type.
+  // with its group size as code, or [blocks] of GGUF blocks with code -ggml_type. biases: one per
+  // projection in the compute dtype, added to its whole output (an empty tensor: none); q_norm /
+  // k_norm: per-head RMSNorm weights [head_dim] applied to q and k before rotary (empty: none).
   DecodeLayer(torch::Tensor input_norm, torch::Tensor post_norm, double eps,
               std::vector<std::vector<torch::Tensor>> parts, std::vector<int64_t> codes,
-              std::vector<int64_t> parts_per_projection, int64_t num_heads, int64_t kv_heads, double scale,
+              std::vector<int64_t> parts_per_projection, std::vector<torch::Tensor> biases,
+              torch::Tensor q_norm, torch::Tensor k_norm, int64_t num_heads, int64_t kv_heads, double scale,
               torch::ScalarType dtype);
 
   // x: the previous layer's output [T, hidden] (none for the first layer, whose input is already in
@@ -94,9 +97,10 @@ class DecodeLayer {
   };
   struct Projection {
     std::vector<Part> parts;
+    torch::Tensor bias;  // undefined: none
     torch::Tensor operator()(const torch::Tensor& x, torch::ScalarType dtype) const;
   };
-  torch::Tensor input_norm_, post_norm_;
+  torch::Tensor input_norm_, post_norm_, q_norm_, k_norm_;  // q_norm_ / k_norm_ undefined: none
   double eps_;
   Projection qkv_, o_, gate_up_, down_;
   int64_t num_heads_, kv_heads_;

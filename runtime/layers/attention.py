@@ -1,5 +1,6 @@
-"""Self-attention over the paged KV cache: the qkv projection, the model's attention backend
-(rotary, cache write, paged attention: runtime/backends/attention.py), the o projection."""
+"""Self-attention over the paged KV cache: the qkv projection (with Qwen2's biases where the model
+has them), Qwen3's per-head q/k RMSNorm, the model's attention backend (rotary, cache write, paged
+attention: runtime/backends/attention.py), the o projection."""
 
 from __future__ import annotations
 
@@ -16,6 +17,21 @@ from .attention_metadata import AttentionMetadata
 from .linear import FusedLinear, Linear
 
 
+class HeadRMSNorm:
+    """RMSNorm over head_dim of each head, in place (Qwen3's q_norm / k_norm, applied before
+    rotary). As transformers computes it: normalized in fp32, cast back, then scaled."""
+
+    def __init__(self, weight: torch.Tensor, eps: float, device: torch.device, dtype: torch.dtype):
+        self.weight = weight.to(device=device, dtype=dtype)  # [D]
+        self.eps = eps
+
+    def __call__(self, x: torch.Tensor) -> None:
+        """x [T, heads, D], a view into the qkv output: overwritten with its normed values."""
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        x.copy_(normed.to(x.dtype) * self.weight)
+
+
 class Attention(nn.Module):
     def __init__(
         self,
@@ -29,10 +45,14 @@ class Attention(nn.Module):
         device: torch.device,
         dtype: torch.dtype,
         backend: AttentionBackend,
+        qkv_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        o_bias: torch.Tensor | None = None,
+        qk_norm: tuple[HeadRMSNorm, HeadRMSNorm] | None = None,
     ):
         super().__init__()
-        self.qkv = FusedLinear([q, k, v], device, dtype)
-        self.o_proj = Linear(o, device, dtype)
+        self.qkv = FusedLinear([q, k, v], device, dtype, qkv_bias)
+        self.o_proj = Linear(o, device, dtype, o_bias)
+        self.qk_norm = qk_norm
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -47,6 +67,10 @@ class Attention(nn.Module):
         """rope: the step's (cos, sin) [T, 1, D]; x [T, hidden] -> [T, hidden] in the compute dtype."""
         tokens = x.shape[0]
         heads = self.qkv.joint(x).view(tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        if self.qk_norm is not None:
+            q_norm, k_norm = self.qk_norm
+            q_norm(heads[:, : self.num_heads])
+            k_norm(heads[:, self.num_heads : self.num_heads + self.num_kv_heads])
         out = self.backend.forward(heads, rope, cache, meta, self.num_heads, self.num_kv_heads, self.scale)
         return self.o_proj(out.reshape(tokens, -1))  # out [T, H, D] in the compute dtype
 

@@ -75,6 +75,18 @@ def _operands(projection: Any) -> list[tuple[list[torch.Tensor], int]] | str:
     return operands
 
 
+def _bias(projection: Any, dtype: torch.dtype) -> torch.Tensor:
+    """The bias of a Linear/FusedLinear's whole output (zeros for parts without one), or an empty
+    tensor where no part has one (decode_layer.cpp's "none")."""
+    parts = getattr(projection, "parts", [projection])
+    if all(part.bias is None for part in parts):
+        return torch.empty(0)
+    return torch.cat([
+        part.bias if part.bias is not None else torch.zeros(part.packed.out_features, dtype=dtype)
+        for part in parts
+    ])  # fmt: skip
+
+
 def _projections(layer: Any) -> dict[str, Any]:
     attn, mlp = layer.self_attn, layer.mlp
     return {"qkv": attn.qkv, "o_proj": attn.o_proj, "gate_up": mlp.gate_up, "down_proj": mlp.down_proj}
@@ -108,9 +120,12 @@ class CompiledCPULayers(LayerPath):
             attn, norms = layer.self_attn, (layer.input_layernorm, layer.post_attention_layernorm)
             projections = [_operands(p) for p in _projections(layer).values()]
             parts = [part for projection in projections for part in projection]
+            biases = [_bias(p, dtype) for p in _projections(layer).values()]
+            q_norm, k_norm = (n.weight for n in attn.qk_norm) if attn.qk_norm else (torch.empty(0),) * 2
             self.layers.append(ops.DecodeLayer(
                 norms[0].weight, norms[1].weight, norms[0].eps, [t for t, _ in parts], [c for _, c in parts],
-                [len(p) for p in projections], attn.num_heads, attn.num_kv_heads, attn.scale, dtype,
+                [len(p) for p in projections], biases, q_norm, k_norm, attn.num_heads, attn.num_kv_heads,
+                attn.scale, dtype,
             ))  # fmt: skip
 
     def __call__(self, hidden, rope, kv_caches, meta):

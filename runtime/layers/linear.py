@@ -15,14 +15,22 @@ def _as_quantized(weight: WeightLike) -> QuantizedWeight:
 
 
 class Linear(nn.Module):
-    """y = x @ W.T through the kernel the weight's scheme chose at load. No bias (Llama has none)."""
+    """y = x @ W.T (+ bias) through the kernel the weight's scheme chose at load. The bias (Qwen2's
+    q/k/v, Llama's attention_bias / mlp_bias) stays dense in the compute dtype, added after the
+    kernel: every scheme and kernel then takes it the same way."""
 
-    def __init__(self, weight: WeightLike, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self, weight: WeightLike, device: torch.device, dtype: torch.dtype, bias: torch.Tensor | None = None
+    ):
         super().__init__()
         self.packed = pack_linear(weight, device, dtype)
+        if bias is not None and tuple(bias.shape) != (self.packed.out_features,):
+            raise ValueError(f"bias of shape {tuple(bias.shape)} for {self.packed.out_features} outputs")
+        self.bias = None if bias is None else bias.to(device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.packed(x)
+        y = self.packed(x)
+        return y if self.bias is None else y.add_(self.bias)  # the kernel's output is a new tensor
 
     __call__ = forward  # skip nn.Module hook dispatch: ~4 us a call, ~300 calls per decode step
 
@@ -35,14 +43,30 @@ class FusedLinear(nn.Module):
     """Several projections of the same input (q/k/v, gate/up) in one kernel call when they share a
     scheme; otherwise one call each. forward returns the outputs in the order given."""
 
-    def __init__(self, weights: Sequence[WeightLike], device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        weights: Sequence[WeightLike],
+        device: torch.device,
+        dtype: torch.dtype,
+        biases: Sequence[torch.Tensor | None] | None = None,
+    ):
         super().__init__()
         parts = [_as_quantized(w) for w in weights]
+        biases = list(biases) if biases is not None else [None] * len(parts)
         self.sizes = [w.out_features for w in parts]
         if QuantizedWeight.can_concat(parts):
-            self.parts = nn.ModuleList([Linear(QuantizedWeight.concat_rows(parts), device, dtype)])
+            bias = None
+            if any(b is not None for b in biases):  # one add for the fused output; zeros where none
+                filled = [
+                    torch.zeros(n) if b is None else b.float()
+                    for b, n in zip(biases, self.sizes, strict=True)
+                ]
+                bias = torch.cat(filled)
+            self.parts = nn.ModuleList([Linear(QuantizedWeight.concat_rows(parts), device, dtype, bias)])
         else:
-            self.parts = nn.ModuleList([Linear(w, device, dtype) for w in parts])
+            self.parts = nn.ModuleList(
+                [Linear(w, device, dtype, b) for w, b in zip(parts, biases, strict=True)]
+            )
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if len(self.parts) == 1:

@@ -23,7 +23,12 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of a Llama-family decoder, read from a GGUF header or a config.json."""
+    """Shape of a Llama-family decoder, read from a GGUF header or a config.json.
+
+    The families differ by data here: `qkv_bias` (Qwen2, Llama's attention_bias), `o_bias`
+    (attention_bias), `mlp_bias`, `qk_norm` (Qwen3: RMSNorm over each head's q and k before
+    rotary), `sliding_window` (Mistral: each token attends to the last `sliding_window` positions).
+    """
 
     architecture: str
     vocab_size: int
@@ -38,6 +43,11 @@ class ModelConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -46,3 +56,14 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or None, got {self.sliding_window}")
+
+    @property
+    def max_context(self) -> int:
+        """The longest context this engine computes exactly: the trained length, capped at the
+        sliding window (attention is not yet masked by window, and up to the window full
+        attention is the same thing)."""
+        if self.sliding_window is None:
+            return self.max_position_embeddings
+        return min(self.max_position_embeddings, self.sliding_window)

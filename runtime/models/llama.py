@@ -1,4 +1,6 @@
-"""Llama / Mistral-family decoder: GQA, RoPE, RMSNorm, SwiGLU, tied or untied embeddings.
+"""Llama-family decoder: GQA, RoPE, RMSNorm, SwiGLU, tied or untied embeddings. One definition for
+Llama, Mistral, Qwen2/Qwen2.5 and Qwen3: what differs between them is data in `ModelConfig`
+(projection biases, Qwen3's q/k norms), read by the loaders from each family's config or GGUF.
 
 Weights come from a loader as a mapping from HF parameter names to dense tensors or
 `QuantizedWeight`s; each linear packs for its kernel at construction. `forward` takes flat tensors
@@ -18,7 +20,7 @@ from lowbit.runtime.backends.attention import ATTENTION_BACKENDS, AttentionBacke
 from lowbit.runtime.backends.base import choose
 from lowbit.runtime.backends.norm import NORM_BACKENDS, NormBackend
 from lowbit.runtime.kv_cache import LayerKVCache
-from lowbit.runtime.layers.attention import Attention
+from lowbit.runtime.layers.attention import Attention, HeadRMSNorm
 from lowbit.runtime.layers.attention_metadata import AttentionMetadata
 from lowbit.runtime.layers.decode_layer import CompiledCPULayers, EagerLayers, LayerPath
 from lowbit.runtime.layers.embedding import Embedding
@@ -30,10 +32,14 @@ from lowbit.runtime.quant import WeightLike
 
 
 class MLP(nn.Module):
-    def __init__(self, gate: WeightLike, up: WeightLike, down: WeightLike, device, dtype):
+    def __init__(
+        self, gate: WeightLike, up: WeightLike, down: WeightLike, device, dtype,
+        biases: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ):  # fmt: skip
         super().__init__()
-        self.gate_up = FusedLinear([gate, up], device, dtype)
-        self.down_proj = Linear(down, device, dtype)
+        gate_bias, up_bias, down_bias = biases or (None, None, None)
+        self.gate_up = FusedLinear([gate, up], device, dtype, [gate_bias, up_bias])
+        self.down_proj = Linear(down, device, dtype, down_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x)
@@ -55,28 +61,36 @@ class DecoderLayer(nn.Module):
         super().__init__()
         p = f"model.layers.{i}."
         eps = config.rms_norm_eps
+        a, m = p + "self_attn.", p + "mlp."
         self.input_layernorm = RMSNorm(w(p + "input_layernorm.weight"), eps, device, dtype, norm)
+        qk_norm = None
+        if config.qk_norm:
+            qk_norm = tuple(HeadRMSNorm(w(f"{a}{n}_norm.weight"), eps, device, dtype) for n in "qk")
         self.self_attn = Attention(
-            w(p + "self_attn.q_proj.weight"),
-            w(p + "self_attn.k_proj.weight"),
-            w(p + "self_attn.v_proj.weight"),
-            w(p + "self_attn.o_proj.weight"),
+            w(a + "q_proj.weight"),
+            w(a + "k_proj.weight"),
+            w(a + "v_proj.weight"),
+            w(a + "o_proj.weight"),
             config.num_heads,
             config.num_kv_heads,
             config.head_dim,
             device,
             dtype,
             attention,
+            qkv_bias=tuple(w(f"{a}{n}_proj.bias") for n in "qkv") if config.qkv_bias else None,
+            o_bias=w(a + "o_proj.bias") if config.o_bias else None,
+            qk_norm=qk_norm,
         )
         self.post_attention_layernorm = RMSNorm(
             w(p + "post_attention_layernorm.weight"), eps, device, dtype, norm
         )
         self.mlp = MLP(
-            w(p + "mlp.gate_proj.weight"),
-            w(p + "mlp.up_proj.weight"),
-            w(p + "mlp.down_proj.weight"),
+            w(m + "gate_proj.weight"),
+            w(m + "up_proj.weight"),
+            w(m + "down_proj.weight"),
             device,
             dtype,
+            tuple(w(f"{m}{n}_proj.bias") for n in ("gate", "up", "down")) if config.mlp_bias else None,
         )
         self.input_layernorm.fuse_quantization(self.self_attn.qkv)
         self.post_attention_layernorm.fuse_quantization(self.mlp.gate_up)

@@ -6,9 +6,12 @@ from torch import nn
 
 from .llama import LlamaForCausalLM
 
+# One class: the families' differences are ModelConfig data (runtime/models/llama.py).
 MODELS: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
     "mistral": LlamaForCausalLM,
+    "qwen2": LlamaForCausalLM,
+    "qwen3": LlamaForCausalLM,
 }
 
 

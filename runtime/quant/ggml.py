@@ -58,7 +58,7 @@ class CpuGGMLKernel(LinearKernel):
         return {"blocks": packed["blocks"][rows]}
 
     def compiled_layer_operands(self, packed, in_features):
-        return [packed["blocks"]], -ref.qtype(self.config.qtype).value
+        return [packed["blocks"]], -cpu_ggml.type_id(self.config.qtype)
 
 
 def group_kernel_refusal(config, device: torch.device) -> str | None:
@@ -102,7 +102,7 @@ class CpuGGMLInt4Kernel(LinearKernel):
         return cpu_ggml.gemm(x, packed["blocks"], self.qtype)
 
     def compiled_layer_operands(self, packed, in_features):
-        return [packed["blocks"]], -ref.qtype(self.qtype).value
+        return [packed["blocks"]], -cpu_ggml.type_id(self.qtype)
 
 
 class CpuGGMLInt8Kernel(LinearKernel):
@@ -131,7 +131,7 @@ class CpuGGMLInt8Kernel(LinearKernel):
         return cpu_ggml.q8_0_rows(packed["blocks"][rows])
 
     def compiled_layer_operands(self, packed, in_features):
-        return [packed["blocks"]], -ref.qtype("Q8_0").value
+        return [packed["blocks"]], -cpu_ggml.type_id("Q8_0")
 
 
 class TritonGGMLKernel(TritonKernel):

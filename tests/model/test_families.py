@@ -1,0 +1,169 @@
+"""Model families from HF checkpoints: tiny random models built by transformers' own config and
+model classes (Qwen2, Qwen3, Llama with attention_bias / mlp_bias, Mistral with a sliding window),
+saved as safetensors, against transformers on the same weights.
+
+- fp32 prompt logits equal transformers' (max |d| < 1e-3; measured ~1e-5: summation order);
+- greedy tokens equal transformers' greedy generate for 32 tokens;
+- decode steps on the compiled CPU layer (biases and q/k norms inside it) equal the eager layers;
+- a batch of prompts sharing a prefix (prefix cache, mixed prefill/decode steps) and int8 KV;
+- round-to-nearest quantize-on-load against transformers on the same dequantized weights.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from lowbit import LLM, SamplingParams
+from lowbit.kernels.cpu import extension
+from lowbit.loaders.gguf_file import read_gguf
+from lowbit.loaders.tokenizer import tokenizer_from_gguf
+from lowbit.runtime.quant import method_for
+from lowbit.runtime.quant.rtn import quantize_rtn
+
+VOCAB = 49152  # the default model's tokenizer is reused
+SHAPE = dict(
+    vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+)  # fmt: skip
+WINDOW = 96  # Mistral's sliding window: longer than every prompt here, so full attention is exact
+FAMILIES = {
+    # Qwen2: q/k/v biases, tied embeddings (its small sizes); theta 1e6 as Qwen2.5.
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=True, rope_theta=1e6)),
+    # Qwen3: q/k RMSNorm per head, head_dim != hidden / heads (as Qwen3-0.6B: 1024 / 16 heads x 128).
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=64, tie_word_embeddings=True, rope_theta=1e6)),
+    "llama-bias": (LlamaConfig, LlamaForCausalLM, dict(attention_bias=True, mlp_bias=True)),
+    "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=WINDOW)),
+}
+TEXT = "The quick brown fox jumps over the lazy dog. The capital of France is Paris, and"
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_gguf):
+    return tokenizer_from_gguf(read_gguf(default_gguf).metadata)
+
+
+@cache
+def _build(family: str, root: str, hf_tokenizer) -> torch.nn.Module:
+    config_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**SHAPE, **extra)).eval()
+    with torch.no_grad():  # random init leaves norms at 1 and biases at 0: perturb them to matter
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+    model.save_pretrained(f"{root}/{family}")
+    hf_tokenizer.save_pretrained(f"{root}/{family}")
+    return model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tokenizer):
+    root = str(tmp_path_factory.mktemp("families"))
+    return lambda family: (f"{root}/{family}", _build(family, root, tokenizer.hf))
+
+
+def hf_logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def load(path: str, **kwargs) -> LLM:
+    return LLM(path, device="cpu", kv_cache_memory=16 << 20, **kwargs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp32_logits_and_greedy_tokens_match_transformers(models, tokenizer, family):
+    path, model = models(family)
+    ids = tokenizer.encode(TEXT)
+    llm = load(path, dtype="float32")
+    assert llm.engine.info.architecture == ("llama" if family == "llama-bias" else family)
+    assert (llm.engine.score(ids) - hf_logits(model, ids)).abs().max().item() < 1e-3
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, min_new_tokens=32)
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    assert list(llm.generate([ids], params)[0].outputs[0].token_ids) == expected[0, len(ids) :].tolist()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama-bias"])
+def test_compiled_decode_layers_equal_eager_ones(models, tokenizer, family, dtype):
+    """Biases and q/k norms run inside the compiled CPU layer with the eager layers' roundings
+    (int8 weights on load: the compiled layer takes packed projections, not dense ones)."""
+    if extension.load() is None:
+        pytest.skip("no C++ compiler: no compiled decode path")
+    llm = load(models(family)[0], dtype=dtype, quantization="w8a16")
+    model = llm.engine.model
+    assert model.decode_path.name == "compiled-cpu-layers"
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=1)
+    prompt = tokenizer.encode(TEXT)
+    compiled = llm.generate([prompt], params)[0].outputs[0]
+    compiled_path, model.decode_path = model.decode_path, model.eager_layers
+    try:
+        eager = llm.generate([prompt], params)[0].outputs[0]
+    finally:
+        model.decode_path = compiled_path
+    assert list(compiled.token_ids) == list(eager.token_ids)
+    tolerance = 1e-4 if dtype == "float32" else 0.02  # as tests/model/test_gguf_presets.py
+    for ours, theirs in zip(compiled.logprobs, eager.logprobs, strict=True):
+        assert abs(ours.logprob - theirs.logprob) <= tolerance
+
+
+@pytest.mark.parametrize("kv", ["auto", "int8"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_batch_with_shared_prefix_equals_one_at_a_time(models, tokenizer, family, kv):
+    """Three prompts at once (one reuses another's cached prefix) give each prompt's own answer."""
+    llm = load(models(family)[0], dtype="float32", kv_cache_dtype=kv)
+    prompts = [TEXT + " Berlin", TEXT + " Rome is", "Hello there"]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    alone = [list(llm.generate([p], params)[0].outputs[0].token_ids) for p in prompts]
+    together = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
+    assert together == alone
+
+
+def test_int8_kv_stays_near_transformers(models, tokenizer):
+    """int8 KV on Qwen3 (q/k norms feed the cached keys): logits within the int8 rounding of K/V."""
+    path, model = models("qwen3")
+    ids = tokenizer.encode(TEXT)
+    got = load(path, dtype="float32", kv_cache_dtype="int8").engine.score(ids)
+    expected = hf_logits(model, ids)
+    assert (got - expected).abs().max().item() < 0.05 * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_quantize_on_load_matches_transformers_on_the_same_weights(models, tokenizer, family):
+    """w4a16 round-to-nearest on load (biases and norms stay dense) against transformers with every
+    projection replaced by the same quantize-dequantize."""
+    path, model = models(family)
+    clone = type(model)(model.config).eval()
+    clone.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for name, p in clone.named_parameters():
+            if name.endswith(".weight") and name.split(".")[-2] in PROJECTIONS:
+                q = quantize_rtn(p.data, "w4a16")
+                p.copy_(method_for(q.config).dequantize(q.tensors))
+    ids = tokenizer.encode(TEXT)
+    got = load(path, dtype="float32", quantization="w4a16").engine.score(ids)
+    assert (got - hf_logits(clone, ids)).abs().max().item() < 1e-3
+
+
+def test_context_is_capped_at_the_sliding_window(models):
+    """Mistral's window is not masked yet: the engine serves contexts up to the window only, where
+    full attention is exact, and says so for a longer max_model_len."""
+    path, _ = models("mistral")
+    assert load(path, dtype="float32").engine.max_model_len == WINDOW
+    with pytest.raises(ValueError, match=f"sliding window of {WINDOW}"):
+        load(path, dtype="float32", max_model_len=WINDOW + 1)
