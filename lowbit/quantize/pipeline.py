@@ -1,6 +1,7 @@
 """Quantize a whole model: load it dense (dequantizing a GGUF if need be), calibrate layer by layer
-on an HF transformers Llama, and return a `Checkpoint` whose decoder projections are canonical
-`QuantizedWeight`s, ready for `loaders.writer.write_checkpoint` or for the engine.
+on the transformers model of its family (Llama, Mistral, Qwen2, Qwen3), and return a `Checkpoint`
+whose decoder projections are canonical `QuantizedWeight`s, ready for
+`loaders.writer.write_checkpoint` or for the engine.
 
 Methods: rtn (no calibration), gptq, awq (4-bit weight-only) and smoothquant (W8A8).
 """
@@ -77,16 +78,18 @@ class QuantizeOptions:
 
 
 def hf_model(checkpoint: Checkpoint) -> nn.Module:
-    """An fp32 transformers LlamaForCausalLM holding the checkpoint's weights, dequantized."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """An fp32 transformers model of the checkpoint's family (LlamaForCausalLM, Qwen2ForCausalLM,
+    ...: the class its config.json names) holding the checkpoint's weights, dequantized."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if "rope_freqs" in checkpoint.weights:
         raise ValueError("models with GGUF rope_freqs factors cannot be re-quantized yet")
-    config = LlamaConfig(
-        **{k: v for k, v in to_hf_config(checkpoint.config, "float32").items() if k != "rope_scaling"}
-    )
+    fields = to_hf_config(checkpoint.config, "float32")
+    model_type = fields.pop("model_type")
+    unused = ("rope_scaling", "architectures")
+    config = AutoConfig.for_model(model_type, **{k: v for k, v in fields.items() if k not in unused})
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     state = {name: _dense(w) for name, w in checkpoint.weights.items()}
     if checkpoint.config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
@@ -192,6 +195,8 @@ def _fold(layer: nn.Module, scales: dict[str, torch.Tensor]) -> None:
             linear.weight.mul_(s)
     s = scales["down_proj"]  # down's input is act(gate) * up: linear in up's output rows
     mlp.up_proj.weight.div_(s[:, None])
+    if mlp.up_proj.bias is not None:  # Llama's mlp_bias: the bias is part of those rows
+        mlp.up_proj.bias.div_(s)
     mlp.down_proj.weight.mul_(s)
 
 

@@ -6,7 +6,8 @@ saved as safetensors, against transformers on the same weights.
 - greedy tokens equal transformers' greedy generate for 32 tokens;
 - decode steps on the compiled CPU layer (biases and q/k norms inside it) equal the eager layers;
 - a batch of prompts sharing a prefix (prefix cache, mixed prefill/decode steps) and int8 KV;
-- round-to-nearest quantize-on-load against transformers on the same dequantized weights.
+- round-to-nearest quantize-on-load against transformers on the same dequantized weights;
+- `lowbit quantize` (GPTQ, AWQ, SmoothQuant W8A8) on each family, written and loaded back.
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ from transformers import (
 from lowbit import LLM, SamplingParams
 from lowbit.kernels.cpu import extension
 from lowbit.loaders.gguf_file import read_gguf
+from lowbit.loaders.registry import load_checkpoint
 from lowbit.loaders.tokenizer import tokenizer_from_gguf
+from lowbit.loaders.writer import write_checkpoint
+from lowbit.quantize.pipeline import QuantizeOptions, _fold, _group_weights, hf_model, quantize_model
+from lowbit.quantize.text_data import standard_text
 from lowbit.runtime.quant import method_for
 from lowbit.runtime.quant.rtn import quantize_rtn
 
@@ -167,3 +172,54 @@ def test_context_is_capped_at_the_sliding_window(models):
     assert load(path, dtype="float32").engine.max_model_len == WINDOW
     with pytest.raises(ValueError, match=f"sliding window of {WINDOW}"):
         load(path, dtype="float32", max_model_len=WINDOW + 1)
+
+
+# ---------------------------------------------------------------------- lowbit quantize per family
+
+# (options, format written, bound on the RMS logit error / float logits' std). Measured: GPTQ
+# 0.042 / 0.221 / 0.006 (qwen2 / qwen3 / llama-bias), AWQ 0.100 / 0.177 / 0.021, SmoothQuant
+# 0.010 / 0.021 / 0.002.
+QUANTIZERS = {
+    "gptq": (QuantizeOptions("gptq", group_size=32, num_samples=8, seq_len=64, batch_size=4), "gptq", 0.25),
+    "awq": (QuantizeOptions("awq", group_size=32, num_samples=8, seq_len=64, batch_size=4), "awq", 0.25),
+    "smoothquant": (
+        QuantizeOptions("smoothquant", bits=8, activations=8, num_samples=8, seq_len=64, batch_size=4),
+        "compressed-tensors",
+        0.04,
+    ),
+}
+
+
+@pytest.mark.parametrize("method", QUANTIZERS)
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama-bias"])
+def test_quantized_checkpoints_load_and_stay_near_the_float_model(
+    models, tokenizer, tmp_path, family, method
+):
+    """quantize_model (calibrated on the family's own transformers model) -> write_checkpoint -> LLM:
+    the RMS logit error against transformers' float model stays within tests/model/
+    test_quantize_pipeline.py's bounds (a share of the float logits' standard deviation), and is
+    not zero (the weights really were quantized). Biases and q/k norms are written dense."""
+    opts, fmt, bound = QUANTIZERS[method]
+    path, model = models(family)
+    checkpoint = quantize_model(path, opts, calibration_text=standard_text("c4"), progress=False)
+    out = write_checkpoint(checkpoint, tmp_path / method, fmt)
+    ids = tokenizer.encode(TEXT)
+    expected = hf_logits(model, ids)
+    rms = (load(str(out), dtype="float32").engine.score(ids) - expected).pow(2).mean().sqrt()
+    assert 0 < rms.item() <= bound * expected.std().item()
+
+
+def test_folding_keeps_a_biased_model(models, tokenizer):
+    """AWQ/SmoothQuant fold scales into up_proj's rows: with Llama's mlp_bias the bias is scaled
+    too, and the float model computes the same logits afterwards."""
+    path, _ = models("llama-bias")
+    hf = hf_model(load_checkpoint(path))
+    ids = tokenizer.encode(TEXT)
+    before = hf_logits(hf, ids)
+    gen = torch.Generator().manual_seed(0)
+    for layer in hf.model.layers:
+        scales = {
+            k: torch.exp(torch.randn(w[0].shape[1], generator=gen)) for k, w in _group_weights(layer).items()
+        }
+        _fold(layer, scales)
+    torch.testing.assert_close(hf_logits(hf, ids), before, atol=1e-4, rtol=0)
