@@ -1,5 +1,5 @@
-"""GGUF loader: llama-family GGUF files (llama, mistral, qwen2, qwen3) -> `Checkpoint` with weights
-kept in packed form.
+"""GGUF loader: llama-family GGUF files (llama, mistral, qwen2, qwen3, phi3) -> `Checkpoint` with
+weights kept in packed form.
 
 Tensor names are mapped to HF's (llama.cpp's names: gguf's TENSOR_NAMES). For the `llama` and
 `mistral` architectures llama.cpp's converter permutes the rows of attn_q/attn_k so that rotary
@@ -12,6 +12,7 @@ biases (`attn_q.bias`, Qwen2), an o bias, q/k norms (`attn_q_norm`, Qwen3).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 
@@ -25,7 +26,7 @@ from .gguf_blocks import decode_tensor
 from .gguf_file import GGUFFile, read_gguf
 from .tokenizer import tokenizer_from_gguf
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 # Architectures whose converter permutes q/k rows for llama.cpp's interleaved RoPE.
 _PERMUTED = ("llama", "mistral")
 
@@ -48,15 +49,18 @@ _LAYER_NAMES = {
     "attn_q_norm": "self_attn.q_norm",
     "attn_k_norm": "self_attn.k_norm",
 }
+# Where an architecture's converter names a tensor differently: Phi-3 keeps its fused projections.
+_ARCH_LAYER_NAMES = {"phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
-def hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     match = _LAYER_RE.fullmatch(gguf_name)
-    if match and match.group(2) in _LAYER_NAMES:
-        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.{match.group(3)}"
+    names = {**_LAYER_NAMES, **_ARCH_LAYER_NAMES.get(arch, {})}
+    if match and match.group(2) in names:
+        return f"model.layers.{match.group(1)}.{names[match.group(2)]}.{match.group(3)}"
     return None
 
 
@@ -84,7 +88,11 @@ def model_config(gguf: GGUFFile) -> ModelConfig:
     heads = _get(meta, arch, "attention.head_count", path=path)
     head_dim = meta.get(f"{arch}.attention.key_length", hidden // heads)
     scaling = RopeScaling()
-    if meta.get(f"{arch}.rope.scaling.type", "none") == "linear":
+    if meta.get(f"{arch}.rope.dimension_count", head_dim) != head_dim:
+        raise ValueError(f"{path}: rotary embeddings over part of each head are not supported")
+    if "rope_factors_long.weight" in gguf.tensors:
+        scaling = _longrope(gguf, arch, path)
+    elif meta.get(f"{arch}.rope.scaling.type", "none") == "linear":
         scaling = RopeScaling("linear", float(meta[f"{arch}.rope.scaling.factor"]))
     elif meta.get(f"{arch}.rope.scaling.type", "none") not in ("none",):
         raise ValueError(f"{path}: rope scaling {meta[f'{arch}.rope.scaling.type']!r} is not supported")
@@ -110,6 +118,30 @@ def model_config(gguf: GGUFFile) -> ModelConfig:
         o_bias=has("blk.0.attn_output.bias"),
         mlp_bias=has("blk.0.ffn_down.bias"),
         qk_norm=has("blk.0.attn_q_norm.weight"),
+        fused_qkv=has("blk.0.attn_qkv.weight"),
+        fused_gate_up=arch == "phi3",
+        # Phi-3's converter writes 0 for "no window" (its Phi-4 marker).
+        sliding_window=meta.get(f"{arch}.attention.sliding_window") or None,
+    )
+
+
+def _longrope(gguf: GGUFFile, arch: str, path: str) -> RopeScaling:
+    """Phi-3's LongRoPE from the factor tensors and metadata llama.cpp's converter writes."""
+    meta = gguf.metadata
+    original = int(_get(meta, arch, "rope.scaling.original_context_length", path=path))
+    factors = {
+        kind: tuple(float(f) for f in gguf.tensor_bytes(f"rope_factors_{kind}.weight").view("<f4"))
+        for kind in ("short", "long")
+    }
+    ratio = _get(meta, arch, "context_length", path=path) / original
+    default = 1.0 if ratio <= 1.0 else math.sqrt(1 + math.log(ratio) / math.log(original))
+    return RopeScaling(
+        "longrope",
+        factor=ratio,
+        original_max_position_embeddings=original,
+        short_factor=factors["short"],
+        long_factor=factors["long"],
+        attention_factor=float(meta.get(f"{arch}.rope.scaling.attn_factor", default)),
     )
 
 
@@ -118,7 +150,8 @@ class _GGUFWeights:
 
     def __init__(self, gguf: GGUFFile, config: ModelConfig):
         self.gguf = gguf
-        self.by_hf = {hf_name(n): n for n in gguf.tensors if hf_name(n) is not None}
+        names = {n: hf_name(n, config.architecture) for n in gguf.tensors}
+        self.by_hf = {hf: n for n, hf in names.items() if hf is not None}
         self.unpermute = {}
         if config.architecture in _PERMUTED:
             self.unpermute = {

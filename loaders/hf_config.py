@@ -5,18 +5,20 @@ biases, Qwen3's q/k norms, Mistral's sliding_window)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from lowbit.runtime.models.config import ModelConfig, RopeScaling
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 # model_type -> the HF class name written back by to_hf_config.
 HF_CLASSES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
 
 
@@ -25,6 +27,12 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling]:
     params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     kind = params.get("rope_type", params.get("type", "default"))
+    if float(params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))) != 1.0:
+        raise ValueError(
+            "rotary embeddings over part of each head (partial_rotary_factor < 1) are not supported"
+        )
+    if kind in ("longrope", "su"):
+        return theta, _longrope(cfg, params)
     if kind == "default":
         return theta, RopeScaling()
     if kind == "linear":
@@ -37,7 +45,25 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling]:
             float(params["high_freq_factor"]),
             int(params["original_max_position_embeddings"]),
         )
-    raise ValueError(f"rope scaling {kind!r} is not supported (supported: default, linear, llama3)")
+    raise ValueError(f"rope scaling {kind!r} is not supported (supported: default, linear, llama3, longrope)")
+
+
+def _longrope(cfg: dict[str, Any], params: dict[str, Any]) -> RopeScaling:
+    """Phi-3's LongRoPE with transformers' attention factor: given, else from the ratio of the
+    context to the original one, sqrt(1 + ln(ratio) / ln(original)) (1 when not longer)."""
+    original = int(params.get("original_max_position_embeddings") or cfg["original_max_position_embeddings"])
+    factor = params.get("factor") or cfg["max_position_embeddings"] / original
+    attention = params.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return RopeScaling(
+        "longrope",
+        factor=float(factor),
+        original_max_position_embeddings=original,
+        short_factor=tuple(float(f) for f in params["short_factor"]),
+        long_factor=tuple(float(f) for f in params["long_factor"]),
+        attention_factor=float(attention),
+    )
 
 
 def _family(cfg: dict[str, Any], model_type: str, path: Path | str) -> dict[str, Any]:
@@ -55,6 +81,8 @@ def _family(cfg: dict[str, Any], model_type: str, path: Path | str) -> dict[str,
         fields.update(qkv_bias=True, o_bias=False)
     if model_type == "qwen3":
         fields["qk_norm"] = True
+    if model_type == "phi3":  # Phi3Attention / Phi3MLP: one qkv_proj, one gate_up_proj (gate rows first)
+        fields.update(fused_qkv=True, fused_gate_up=True, sliding_window=cfg.get("sliding_window"))
     return fields
 
 
@@ -88,6 +116,13 @@ def to_hf_config(config: ModelConfig, dtype: str = "float16") -> dict[str, Any]:
     rope: dict[str, Any] = {"rope_type": s.kind, "rope_theta": config.rope_theta}
     if s.kind != "default":
         rope["factor"] = s.factor
+    if s.kind == "longrope":
+        rope.update(
+            short_factor=list(s.short_factor),
+            long_factor=list(s.long_factor),
+            original_max_position_embeddings=s.original_max_position_embeddings,
+            attention_factor=s.attention_factor,
+        )
     if s.kind == "llama3":
         rope.update(
             low_freq_factor=s.low_freq_factor,
@@ -101,6 +136,8 @@ def to_hf_config(config: ModelConfig, dtype: str = "float16") -> dict[str, Any]:
     # What each family's HF class can express.
     if config.qk_norm != (arch == "qwen3") or (arch == "qwen2" and not config.qkv_bias):
         raise ValueError(f"{arch}: q/k norms are Qwen3's alone and Qwen2 always has q/k/v biases")
+    if config.fused_qkv != (arch == "phi3") or config.fused_gate_up != (arch == "phi3"):
+        raise ValueError(f"{arch}: fused qkv_proj / gate_up_proj are Phi-3's alone")
     if config.qkv_bias != config.o_bias and arch != "qwen2":
         raise ValueError(f"{arch}: HF's attention_bias sets q/k/v and o biases together")
     family: dict[str, Any] = {"attention_bias": config.o_bias, "mlp_bias": config.mlp_bias}
@@ -108,7 +145,7 @@ def to_hf_config(config: ModelConfig, dtype: str = "float16") -> dict[str, Any]:
         family = {"use_sliding_window": False}
     elif arch == "qwen3":
         family = {"attention_bias": config.o_bias, "use_sliding_window": False}
-    elif arch == "mistral":
+    elif arch in ("mistral", "phi3"):
         family["sliding_window"] = config.sliding_window
     return {
         "architectures": [HF_CLASSES[arch]],

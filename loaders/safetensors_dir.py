@@ -33,7 +33,9 @@ from .gptq import GptqFormat
 from .hf_config import from_hf_config
 from .tokenizer import tokenizer_from_pretrained
 
-_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_PROJECTIONS = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj",
+)  # fmt: skip
 
 
 class QuantFormat(Protocol):
@@ -63,15 +65,16 @@ def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
     """Module name -> (out_features, in_features) of every linear layer config.json implies."""
     q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     hidden, ffn = config.hidden_size, config.intermediate_size
-    per_layer = {
-        "self_attn.q_proj": (q, hidden),
-        "self_attn.k_proj": (kv, hidden),
-        "self_attn.v_proj": (kv, hidden),
-        "self_attn.o_proj": (hidden, q),
-        "mlp.gate_proj": (ffn, hidden),
-        "mlp.up_proj": (ffn, hidden),
-        "mlp.down_proj": (hidden, ffn),
-    }
+    per_layer = {"self_attn.o_proj": (hidden, q), "mlp.down_proj": (hidden, ffn)}
+    if config.fused_qkv:  # Phi-3
+        per_layer["self_attn.qkv_proj"] = (q + 2 * kv, hidden)
+    else:
+        per_layer.update({"self_attn.q_proj": (q, hidden), "self_attn.k_proj": (kv, hidden)})
+        per_layer["self_attn.v_proj"] = (kv, hidden)
+    if config.fused_gate_up:
+        per_layer["mlp.gate_up_proj"] = (2 * ffn, hidden)
+    else:
+        per_layer.update({"mlp.gate_proj": (ffn, hidden), "mlp.up_proj": (ffn, hidden)})
     shapes = {
         f"model.layers.{i}.{name}": s for i in range(config.num_layers) for name, s in per_layer.items()
     }

@@ -30,7 +30,9 @@ from .hf_config import to_hf_config
 
 WRITE_FORMATS = ("gptq", "gptq_v2", "awq", "compressed-tensors", "safetensors")
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
-_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_PROJECTIONS = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj",
+)  # fmt: skip
 
 
 class FormatWriter(Protocol):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -89,6 +89,7 @@ class Engine:
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device)
         self.max_model_len = self._max_model_len()
+        self.model_config = self._rope_for_context(self.model_config)
         self.model = model_class(self.model_config.architecture)(
             self.model_config,
             checkpoint.weights,
@@ -138,6 +139,17 @@ class Engine:
             kv_block_size=spec.block_size,
             load_seconds=self.load_seconds,
         )
+
+    def _rope_for_context(self, m: ModelConfig) -> ModelConfig:
+        """LongRoPE's long factors when this engine's context passes the original one, for every
+        position: keys in the cache were rotated once and cannot follow transformers' switch of all
+        positions at that length (vLLM makes the same choice). Within it, the short factors: then
+        the model computes exactly what transformers computes."""
+        s = m.rope_scaling
+        if s.kind != "longrope":
+            return m
+        long = self.max_model_len > s.original_max_position_embeddings
+        return replace(m, rope_scaling=replace(s, use_long=long))
 
     def _max_model_len(self) -> int:
         m = self.model_config

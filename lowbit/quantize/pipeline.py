@@ -287,6 +287,11 @@ def quantize_model(
     from tqdm.auto import tqdm
 
     checkpoint = load_checkpoint(source) if not isinstance(source, Checkpoint) else source
+    if checkpoint.config.fused_qkv or checkpoint.config.fused_gate_up:
+        raise ValueError(
+            f"quantizing {checkpoint.config.architecture} is not supported yet: its checkpoints fuse "
+            "qkv_proj and gate_up_proj (load it with quantization='w4a16'/'w8a16'/'w8a8' instead)"
+        )
     _check_group_size(checkpoint, opts)
     model = hf_model(checkpoint)
     layers = model.model.layers

@@ -5,6 +5,7 @@ attention: runtime/backends/attention.py), the o projection."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -35,9 +36,7 @@ class HeadRMSNorm:
 class Attention(nn.Module):
     def __init__(
         self,
-        q: WeightLike,
-        k: WeightLike,
-        v: WeightLike,
+        qkv: Sequence[WeightLike],
         o: WeightLike,
         num_heads: int,
         num_kv_heads: int,
@@ -50,7 +49,9 @@ class Attention(nn.Module):
         qk_norm: tuple[HeadRMSNorm, HeadRMSNorm] | None = None,
     ):
         super().__init__()
-        self.qkv = FusedLinear([q, k, v], device, dtype, qkv_bias)
+        # qkv: [q, k, v], or one weight the checkpoint already fused (Phi-3).
+        sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+        self.qkv = FusedLinear(qkv, device, dtype, qkv_bias, sizes if len(qkv) == 1 else None)
         self.o_proj = Linear(o, device, dtype, o_bias)
         self.qk_norm = qk_norm
         self.num_heads = num_heads

@@ -49,11 +49,18 @@ class FusedLinear(nn.Module):
         device: torch.device,
         dtype: torch.dtype,
         biases: Sequence[torch.Tensor | None] | None = None,
+        sizes: Sequence[int] | None = None,
     ):
+        """sizes: the outputs' widths when `weights` is one weight already fused in the checkpoint
+        (Phi-3's qkv_proj, gate_up_proj); else each weight is one output."""
         super().__init__()
         parts = [_as_quantized(w) for w in weights]
         biases = list(biases) if biases is not None else [None] * len(parts)
-        self.sizes = [w.out_features for w in parts]
+        self.sizes = list(sizes) if sizes is not None else [w.out_features for w in parts]
+        if sizes is not None and (len(parts) != 1 or sum(sizes) != parts[0].out_features):
+            raise ValueError(
+                f"a fused weight of {parts[0].out_features} rows cannot split into {list(sizes)}"
+            )
         if QuantizedWeight.can_concat(parts):
             bias = None
             if any(b is not None for b in biases):  # one add for the fused output; zeros where none

@@ -12,13 +12,22 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling. `kind` is "default", "linear" or "llama3" (HF's names)."""
+    """RoPE frequency scaling. `kind` is "default", "linear", "llama3" or "longrope" (HF's names).
+
+    longrope (Phi-3-128k, Phi-3.5): per-frequency divisors `short_factor` / `long_factor` [D/2],
+    cos/sin multiplied by `attention_factor`; `use_long` picks the long factors for every position
+    (the engine sets it when its context passes original_max_position_embeddings).
+    """
 
     kind: str = "default"
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
+    use_long: bool = False
 
 
 @dataclass(frozen=True)
@@ -27,7 +36,8 @@ class ModelConfig:
 
     The families differ by data here: `qkv_bias` (Qwen2, Llama's attention_bias), `o_bias`
     (attention_bias), `mlp_bias`, `qk_norm` (Qwen3: RMSNorm over each head's q and k before
-    rotary), `sliding_window` (Mistral: each token attends to the last `sliding_window` positions).
+    rotary), `sliding_window` (Mistral: each token attends to the last `sliding_window` positions),
+    `fused_qkv` / `fused_gate_up` (Phi-3's checkpoints store those projections as one weight each).
     """
 
     architecture: str
@@ -48,6 +58,8 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False
     sliding_window: int | None = None
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:

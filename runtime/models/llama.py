@@ -1,6 +1,7 @@
 """Llama-family decoder: GQA, RoPE, RMSNorm, SwiGLU, tied or untied embeddings. One definition for
-Llama, Mistral, Qwen2/Qwen2.5 and Qwen3: what differs between them is data in `ModelConfig`
-(projection biases, Qwen3's q/k norms), read by the loaders from each family's config or GGUF.
+Llama, Mistral, Qwen2/Qwen2.5, Qwen3 and Phi-3: what differs between them is data in `ModelConfig`
+(projection biases, Qwen3's q/k norms, Phi-3's fused projections and LongRoPE), read by the loaders
+from each family's config or GGUF.
 
 Weights come from a loader as a mapping from HF parameter names to dense tensors or
 `QuantizedWeight`s; each linear packs for its kernel at construction. `forward` takes flat tensors
@@ -33,12 +34,14 @@ from lowbit.runtime.quant import WeightLike
 
 class MLP(nn.Module):
     def __init__(
-        self, gate: WeightLike, up: WeightLike, down: WeightLike, device, dtype,
+        self, gate_up: list[WeightLike], down: WeightLike, intermediate: int, device, dtype,
         biases: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ):  # fmt: skip
+        """gate_up: [gate, up], or one weight the checkpoint already fused (Phi-3: gate rows first)."""
         super().__init__()
         gate_bias, up_bias, down_bias = biases or (None, None, None)
-        self.gate_up = FusedLinear([gate, up], device, dtype, [gate_bias, up_bias])
+        sizes = [intermediate, intermediate] if len(gate_up) == 1 else None
+        self.gate_up = FusedLinear(gate_up, device, dtype, [gate_bias, up_bias], sizes)
         self.down_proj = Linear(down, device, dtype, down_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,10 +69,9 @@ class DecoderLayer(nn.Module):
         qk_norm = None
         if config.qk_norm:
             qk_norm = tuple(HeadRMSNorm(w(f"{a}{n}_norm.weight"), eps, device, dtype) for n in "qk")
+        qkv = [w(a + "qkv_proj.weight")] if config.fused_qkv else [w(f"{a}{n}_proj.weight") for n in "qkv"]
         self.self_attn = Attention(
-            w(a + "q_proj.weight"),
-            w(a + "k_proj.weight"),
-            w(a + "v_proj.weight"),
+            qkv,
             w(a + "o_proj.weight"),
             config.num_heads,
             config.num_kv_heads,
@@ -84,10 +86,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(
             w(p + "post_attention_layernorm.weight"), eps, device, dtype, norm
         )
+        fused = config.fused_gate_up
         self.mlp = MLP(
-            w(m + "gate_proj.weight"),
-            w(m + "up_proj.weight"),
+            [w(m + "gate_up_proj.weight")] if fused else [w(m + "gate_proj.weight"), w(m + "up_proj.weight")],
             w(m + "down_proj.weight"),
+            config.intermediate_size,
             device,
             dtype,
             tuple(w(f"{m}{n}_proj.bias") for n in ("gate", "up", "down")) if config.mlp_bias else None,
@@ -149,7 +152,7 @@ class LlamaForCausalLM(nn.Module):
         inv_freq = inverse_frequencies(
             config.head_dim, config.rope_theta, config.rope_scaling, w.get("rope_freqs")
         )
-        self.rotary = RotaryEmbedding(inv_freq, device)
+        self.rotary = RotaryEmbedding(inv_freq, device, config.rope_scaling.attention_factor)
         # One backend per op for the whole model, the first of each list that can run on the device.
         attention = choose("attention", ATTENTION_BACKENDS, device, dtype)
         norm = choose("norm", NORM_BACKENDS, device, dtype)

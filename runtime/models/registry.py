@@ -12,6 +12,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "mistral": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
     "qwen3": LlamaForCausalLM,
+    "phi3": LlamaForCausalLM,
 }
 
 

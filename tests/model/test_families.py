@@ -1,5 +1,6 @@
 """Model families from HF checkpoints: tiny random models built by transformers' own config and
-model classes (Qwen2, Qwen3, Llama with attention_bias / mlp_bias, Mistral with a sliding window),
+model classes (Qwen2, Qwen3, Llama with attention_bias / mlp_bias, Mistral with a sliding window,
+Phi-3 with fused projections and LongRoPE),
 saved as safetensors, against transformers on the same weights.
 
 - fp32 prompt logits equal transformers' (max |d| < 1e-3; measured ~1e-5: summation order);
@@ -21,6 +22,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -223,3 +226,58 @@ def test_folding_keeps_a_biased_model(models, tokenizer):
         }
         _fold(layer, scales)
     torch.testing.assert_close(hf_logits(hf, ids), before, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------- Phi-3
+
+PHI3 = dict(SHAPE, rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+def _save_phi3(path, hf_tokenizer, **extra) -> Phi3ForCausalLM:
+    torch.manual_seed(1)
+    model = Phi3ForCausalLM(Phi3Config(**{**PHI3, **extra})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+    model.save_pretrained(path)
+    hf_tokenizer.save_pretrained(path)
+    return model
+
+
+def test_phi3_fused_projections_match_transformers(tmp_path, tokenizer):
+    """Phi-3's checkpoint holds qkv_proj and gate_up_proj fused: they load as one GEMM each."""
+    model = _save_phi3(tmp_path, tokenizer.hf)
+    ids = tokenizer.encode(TEXT)
+    llm = load(str(tmp_path), dtype="float32")
+    assert llm.engine.info.architecture == "phi3"
+    assert (llm.engine.score(ids) - hf_logits(model, ids)).abs().max().item() < 1e-3
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, min_new_tokens=16)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    assert list(llm.generate([ids], params)[0].outputs[0].token_ids) == expected[0, len(ids) :].tolist()
+    quantized = load(str(tmp_path), dtype="bfloat16", quantization="w8a16")
+    assert quantized.engine.model.decode_path.name == (
+        "compiled-cpu-layers" if extension.load() is not None else "eager-layers"
+    )
+
+
+@pytest.mark.parametrize("regime", ["short", "long"])
+def test_phi3_longrope_matches_transformers(tmp_path, tokenizer, regime):
+    """LongRoPE (Phi-3-128k, Phi-3.5): per-frequency short/long factors and the attention factor on
+    cos/sin. transformers takes the long factors once a sequence passes the original context; we
+    take them for every position when max_model_len passes it (a KV cache cannot be re-rotated), so
+    the two agree on a prompt past the original context (long) and within it (short)."""
+    gen = torch.Generator().manual_seed(2)
+    half = SHAPE["hidden_size"] // SHAPE["num_attention_heads"] // 2
+    rope = {
+        "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 16,
+        "short_factor": (1 + torch.rand(half, generator=gen)).tolist(),
+        "long_factor": (1 + 8 * torch.rand(half, generator=gen)).tolist(),
+    }  # fmt: skip
+    model = _save_phi3(tmp_path, tokenizer.hf, rope_parameters=rope, original_max_position_embeddings=16)
+    ids = tokenizer.encode(TEXT)
+    ids = ids[:12] if regime == "short" else ids
+    assert (len(ids) > 16) == (regime == "long")
+    llm = load(str(tmp_path), dtype="float32", max_model_len=16 if regime == "short" else None)
+    assert (llm.engine.score(ids) - hf_logits(model, ids)).abs().max().item() < 1e-3

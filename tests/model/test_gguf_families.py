@@ -1,11 +1,11 @@
-"""Qwen2 and Qwen3 GGUF files written by llama.cpp's own converter and quantizer (tests/data/gguf/,
+"""Qwen2, Qwen3 and Phi-3 GGUF files written by llama.cpp's own converter and quantizer (tests/data/gguf/,
 copied from the shared fixture set; its README says how they were made), against the same two
 independent references as the Llama 3 presets (tests/model/test_gguf_presets.py, whose bounds
 apply unchanged: docs/accuracy.md):
 
 - transformers in fp32 on gguf-py's dequantization of each file (`hf_dequant`): the tensor names
-  (q/k/v biases, q/k norms), the unpermuted NeoX-RoPE rows and the family options are llama.cpp's
-  own, not our writer's;
+  (q/k/v biases, q/k norms, Phi-3's fused attn_qkv and gate-then-up ffn_up), the unpermuted
+  NeoX-RoPE rows and the family options are llama.cpp's own, not our writer's;
 - llama.cpp's logits on the same file, and its greedy tokens wherever its top-2 margin is clear.
 """
 
@@ -24,7 +24,7 @@ from lowbit import LLM
 from .test_gguf_presets import EXACT_MAX, KV_MEMORY, LLAMACPP_MAX, LLAMACPP_MEAN
 
 DATA = Path(__file__).parents[1] / "data" / "gguf"
-ARCHS = ("qwen2", "qwen3")
+ARCHS = ("qwen2", "qwen3", "phi3")
 CASES = [
     (arch, p.stem.removeprefix(f"{arch}-")) for arch in ARCHS for p in sorted((DATA / arch).glob("*.gguf"))
 ]

@@ -57,7 +57,7 @@ CONFIGS = {
 def test_model_config_equals_written_metadata(tmp_path, spec):
     path, _ = _write(tmp_path, spec)
     config = load_gguf(path).config
-    assert config.architecture == "llama"
+    assert config.architecture == spec.arch
     assert config.vocab_size == len(tiny_vocab()[0]) == 263
     assert config.hidden_size == spec.hidden
     assert config.intermediate_size == spec.ffn
@@ -351,7 +351,9 @@ def test_all_tensor_data_missing_names_the_first_tensor(tmp_path, valid):
 def test_unknown_architecture(tmp_path):
     path, _ = _write(tmp_path, TinyLlama(arch="gpt2"))
     with pytest.raises(
-        ValueError, match=r"GGUF architecture 'gpt2' is not supported \(supported: \('llama', 'mistral'\)\)"
+        ValueError,
+        match=r"GGUF architecture 'gpt2' is not supported "
+        r"\(supported: \('llama', 'mistral', 'qwen2', 'qwen3', 'phi3'\)\)",
     ):
         load_gguf(path)
 
