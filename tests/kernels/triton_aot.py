@@ -475,13 +475,12 @@ def _ggml(rec: Recorder) -> None:
 
     _patch_sm_count(triton_support, "num_sms")
     n, k = LLAMA["hidden"], LLAMA["hidden"]
-    # Every type at M = 1 (FMA GEMV, split-K) in bf16; 16-row dots in fp16 on the types of the common
-    # presets; the 32-row and 64-row tiles and the dequantize kernel on the commonest K-quant; fp32
-    # on one of each block size. Each type is its own constexpr specialisation (~3 s a compile).
-    variants = [(t, BF16, 1) for t in mod.TYPES]
-    variants += [(t, F16, 8) for t in ("Q4_K", "Q6_K", "IQ4_XS", "Q5_0", "Q8_0")]
+    # Every type at M = 1 (FMA GEMV, split-K) in bf16: each type is its own constexpr specialisation
+    # (~3 s a compile); 16-row dots in fp16 on a super-block and a 32-block type; the 32-row and
+    # 64-row tiles and the dequantize kernel on the commonest K-quant; fp32 on the largest tile.
+    variants = [(t, BF16, 1) for t in mod.TYPES] + [("Q6_K", F16, 8), ("Q5_0", F16, 8)]
     variants += [("Q4_K", BF16, 32), ("Q4_K", F16, 64), ("Q4_K", F16, mod.DENSE_M_THRESHOLD + 1)]
-    variants += [("Q6_K", F32, 1), ("Q5_0", F32, 8), ("IQ4_XS", F32, 64)]
+    variants += [("IQ4_XS", F32, 64)]
     for qtype, dtype, m in variants:
         block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
         blocks = torch.zeros(n, k // block * type_size, dtype=torch.uint8)
