@@ -41,6 +41,8 @@ from lowbit.quantize.text_data import standard_text
 from lowbit.runtime.quant import method_for
 from lowbit.runtime.quant.rtn import quantize_rtn
 
+from .decode_paths import assert_compiled_decode_equals_eager
+
 VOCAB = 49152  # the default model's tokenizer is reused
 SHAPE = dict(
     vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -114,20 +116,7 @@ def test_compiled_decode_layers_equal_eager_ones(models, tokenizer, family, dtyp
     if extension.load() is None:
         pytest.skip("no C++ compiler: no compiled decode path")
     llm = load(models(family)[0], dtype=dtype, quantization="w8a16")
-    model = llm.engine.model
-    assert model.decode_path.name == "compiled-cpu-layers"
-    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=1)
-    prompt = tokenizer.encode(TEXT)
-    compiled = llm.generate([prompt], params)[0].outputs[0]
-    compiled_path, model.decode_path = model.decode_path, model.eager_layers
-    try:
-        eager = llm.generate([prompt], params)[0].outputs[0]
-    finally:
-        model.decode_path = compiled_path
-    assert list(compiled.token_ids) == list(eager.token_ids)
-    tolerance = 1e-4 if dtype == "float32" else 0.02  # as tests/model/test_gguf_presets.py
-    for ours, theirs in zip(compiled.logprobs, eager.logprobs, strict=True):
-        assert abs(ours.logprob - theirs.logprob) <= tolerance
+    assert_compiled_decode_equals_eager(llm, tokenizer.encode(TEXT), 12, dtype)
 
 
 @pytest.mark.parametrize("kv", ["auto", "int8"])

@@ -21,7 +21,9 @@ import numpy as np
 import pytest
 import torch
 
-from lowbit import LLM, SamplingParams
+from lowbit import LLM
+
+from .decode_paths import assert_compiled_decode_equals_eager
 
 FIXTURES = Path(__file__).parents[1] / "data" / "gguf" / "llama3"
 PRESETS = sorted(p.stem.removeprefix("llama3-") for p in FIXTURES.glob("llama3-*.gguf"))
@@ -101,20 +103,4 @@ def test_compiled_decode_steps_equal_eager_ones(preset, dtype):
     """Decode steps run each layer as one compiled call, with projections of several GGUF types
     (Q4_K_M's q/k are Q4_K, its v Q6_K: three GEMMs for qkv); its greedy tokens and their logits
     must be the eager layers' (same kernels, same roundings)."""
-    llm = engine(preset, dtype)
-    model = llm.engine.model
-    assert model.decode_path.name == "compiled-cpu-layers"
-    prompt = reference()["ids"][:6]
-    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=1)
-    compiled = llm.generate([prompt], params)[0].outputs[0]
-    compiled_path, model.decode_path = model.decode_path, model.eager_layers
-    try:
-        eager = llm.generate([prompt], params)[0].outputs[0]
-    finally:
-        model.decode_path = compiled_path
-    assert list(compiled.token_ids) == list(eager.token_ids)
-    # The compiled layer's small ops round as the eager ones but sum in another order
-    # (tests/model/test_cpu_ops_engine.py allows 0.02 in bf16).
-    tolerance = 1e-4 if dtype == "float32" else 0.02
-    for ours, theirs in zip(compiled.logprobs, eager.logprobs, strict=True):
-        assert abs(ours.logprob - theirs.logprob) <= tolerance
+    assert_compiled_decode_equals_eager(engine(preset, dtype), reference()["ids"][:6], 10, dtype)
