@@ -110,9 +110,20 @@ def _dense(weight) -> torch.Tensor:
 
 
 def _linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    return {name: linear for linears in _groups(layer).values() for name, linear in linears}
+
+
+def _groups(layer: nn.Module) -> dict[str, list[tuple[str, nn.Linear]]]:
+    """The layer's linears by shared input, each group named by its first unfused member: q/k/v
+    (or Phi-3's qkv_proj), o, gate/up (or gate_up_proj), down."""
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv = ("qkv_proj",) if hasattr(attn, "qkv_proj") else ATTENTION
+    gate_up = ("gate_up_proj",) if hasattr(mlp, "gate_up_proj") else MLP_IN
     return {
-        **{n: getattr(layer.self_attn, n) for n in (*ATTENTION, "o_proj")},
-        **{n: getattr(layer.mlp, n) for n in (*MLP_IN, "down_proj")},
+        "q_proj": [(n, getattr(attn, n)) for n in qkv],
+        "o_proj": [("o_proj", attn.o_proj)],
+        "gate_proj": [(n, getattr(mlp, n)) for n in gate_up],
+        "down_proj": [("down_proj", mlp.down_proj)],
     }
 
 
@@ -129,24 +140,23 @@ def _quantize_rtn(layer: nn.Module, inputs, kwargs, opts: QuantizeOptions) -> di
 
 
 def _quantize_gptq(layer: nn.Module, inputs, kwargs, opts: QuantizeOptions) -> dict[str, QuantizedWeight]:
-    linears = _linears(layer)
-    # q/k/v and gate/up see the same inputs, so they share one Hessian each.
-    watched = {"q_proj": linears["q_proj"], "o_proj": linears["o_proj"], "gate_proj": linears["gate_proj"],
-               "down_proj": linears["down_proj"]}  # fmt: skip
-    hessians = {name: Hessian(m.in_features) for name, m in watched.items()}
-    with watch_inputs(watched, lambda name, x: hessians[name].add(x)):
+    groups = _groups(layer)
+    # The linears of a group see the same inputs, so they share one Hessian.
+    watched = {key: linears[0][1] for key, linears in groups.items()}
+    hessians = {key: Hessian(m.in_features) for key, m in watched.items()}
+    with watch_inputs(watched, lambda key, x: hessians[key].add(x)):
         run_layer(layer, inputs, kwargs)
-    source = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
     return {
         name: gptq_quantize(
             linear.weight.data,
-            hessians[source.get(name, name)].matrix,
+            hessians[key].matrix,
             opts.group_size,
             opts.symmetric,
             opts.act_order,
             opts.damp,
         )
-        for name, linear in linears.items()
+        for key, linears in groups.items()
+        for name, linear in linears
     }
 
 
@@ -171,9 +181,8 @@ class _Samples:
 
 
 def _collect(layer: nn.Module, inputs, kwargs, limit: int) -> _Samples:
-    linears = _linears(layer)
     samples = _Samples(limit)
-    watched = {n: linears[n] for n in ("q_proj", "gate_proj", "down_proj")}
+    watched = {key: linears[0][1] for key, linears in _groups(layer).items() if key != "o_proj"}
     with watch_inputs(watched, samples):
         run_layer(layer, inputs, kwargs)
     return samples
@@ -183,29 +192,29 @@ def _collect(layer: nn.Module, inputs, kwargs, limit: int) -> _Samples:
 def _fold(layer: nn.Module, scales: dict[str, torch.Tensor]) -> None:
     """Divide each input group's producer by s and multiply its consumers' columns by s: the float
     layer computes exactly the same function afterwards."""
-    attn, mlp = layer.self_attn, layer.mlp
-    groups = {
-        "q_proj": (layer.input_layernorm.weight, [attn.q_proj, attn.k_proj, attn.v_proj]),
-        "gate_proj": (layer.post_attention_layernorm.weight, [mlp.gate_proj, mlp.up_proj]),
-    }
-    for key, (norm_weight, consumers) in groups.items():
+    mlp, linears = layer.mlp, _groups(layer)
+    norms = {"q_proj": layer.input_layernorm.weight, "gate_proj": layer.post_attention_layernorm.weight}
+    for key, norm_weight in norms.items():
         s = scales[key]
         norm_weight.div_(s)
-        for linear in consumers:
+        for _, linear in linears[key]:
             linear.weight.mul_(s)
     s = scales["down_proj"]  # down's input is act(gate) * up: linear in up's output rows
-    mlp.up_proj.weight.div_(s[:, None])
-    if mlp.up_proj.bias is not None:  # Llama's mlp_bias: the bias is part of those rows
-        mlp.up_proj.bias.div_(s)
+    up = mlp.gate_up_proj if hasattr(mlp, "gate_up_proj") else mlp.up_proj
+    rows = slice(up.out_features - s.numel(), None)  # Phi-3's fused gate_up: up is the second half
+    up.weight[rows].div_(s[:, None])
+    if up.bias is not None:  # Llama's mlp_bias: the bias is part of those rows
+        up.bias[rows].div_(s)
     mlp.down_proj.weight.mul_(s)
 
 
 def _group_weights(layer: nn.Module) -> dict[str, list[torch.Tensor]]:
-    linears = _linears(layer)
+    """The weights whose input columns each folded scale multiplies (o_proj has none: its input
+    comes from attention, which no scale can pass through)."""
     return {
-        "q_proj": [linears[n].weight.data for n in ATTENTION],
-        "gate_proj": [linears[n].weight.data for n in MLP_IN],
-        "down_proj": [linears["down_proj"].weight.data],
+        key: [linear.weight.data for _, linear in linears]
+        for key, linears in _groups(layer).items()
+        if key != "o_proj"
     }
 
 
@@ -287,11 +296,6 @@ def quantize_model(
     from tqdm.auto import tqdm
 
     checkpoint = load_checkpoint(source) if not isinstance(source, Checkpoint) else source
-    if checkpoint.config.fused_qkv or checkpoint.config.fused_gate_up:
-        raise ValueError(
-            f"quantizing {checkpoint.config.architecture} is not supported yet: its checkpoints fuse "
-            "qkv_proj and gate_up_proj (load it with quantization='w4a16'/'w8a16'/'w8a8' instead)"
-        )
     _check_group_size(checkpoint, opts)
     model = hf_model(checkpoint)
     layers = model.model.layers
@@ -314,7 +318,7 @@ def quantize_model(
             inputs = run_layer(layer, inputs, kwargs)
         prefix = f"model.layers.{i}."
         for name, qw in layer_weights.items():
-            part = "self_attn" if name in (*ATTENTION, "o_proj") else "mlp"
+            part = "self_attn" if name in (*ATTENTION, "qkv_proj", "o_proj") else "mlp"
             quantized[f"{prefix}{part}.{name}.weight"] = qw
     weights = {}
     for name, tensor in model.state_dict().items():
