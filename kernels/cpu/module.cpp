@@ -1,6 +1,8 @@
 // Python bindings of the compiled CPU ops (declared in ops.h).
 #include "ops.h"
 
+#include <torch/extension.h>
+
 namespace ops = lowbit_cpu;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

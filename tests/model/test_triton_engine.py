@@ -80,7 +80,7 @@ def test_greedy_batch_matches_the_cpu_engine(tiny, monkeypatch, scheme, kv):
     """Three prompts at once (mixed prefill and decode steps, a shared prefix from the prefix
     cache, int8 KV or W8A8): the same greedy tokens as the CPU kernels."""
     path, _ = tiny
-    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     kwargs = dict(dtype="float32", quantization=scheme, kv_cache_dtype=kv)
     triton_llm = build(path, True, monkeypatch, **kwargs)
     assert f"triton-{scheme}" in kernel_names(triton_llm)
