@@ -14,6 +14,9 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+# The block types lowbit keeps packed and computes (the CPU and Triton kernels run all of them).
+TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
+
 
 def qtype(name: str) -> GGMLQuantizationType:
     return GGMLQuantizationType[name]

@@ -41,12 +41,13 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES
 
+from . import ggml_blocks_ref
 from .triton_support import split_k_plan
 
-# The types this kernel decodes; the code of each is its gguf.GGMLQuantizationType value.
-TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS")
+# The types this kernel decodes (all of them); the code of each is its gguf.GGMLQuantizationType value.
+TYPES = ggml_blocks_ref.TYPES
 # Elements per sub-block sharing one scale (and min): the decoder's inner tile dimension.
 SUB = {"Q2_K": 16, "Q3_K": 16, "Q6_K": 16}
 GEMV_MAX_M = 16
@@ -270,7 +271,7 @@ def _layout(qtype: str) -> tuple[int, int, int, int]:
     """(type code, QK, sub-block length, bytes per block) of a supported type."""
     if qtype not in TYPES:
         raise ValueError(f"ggml triton: type {qtype!r} is not supported (supported: {', '.join(TYPES)})")
-    code = GGMLQuantizationType[qtype]
+    code = ggml_blocks_ref.qtype(qtype)
     qk, nbytes = GGML_QUANT_SIZES[code]
     return code.value, qk, SUB.get(qtype, 32), nbytes
 

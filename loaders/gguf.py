@@ -12,6 +12,7 @@ biases (`attn_q.bias`, Qwen2), an o bias, q/k norms (`attn_q_norm`, Qwen3).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -54,11 +55,16 @@ _ARCH_LAYER_NAMES = {"phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.g
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
+@functools.cache
+def _layer_names(arch: str) -> dict[str, str]:
+    return {**_LAYER_NAMES, **_ARCH_LAYER_NAMES.get(arch, {})}
+
+
 def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     match = _LAYER_RE.fullmatch(gguf_name)
-    names = {**_LAYER_NAMES, **_ARCH_LAYER_NAMES.get(arch, {})}
+    names = _layer_names(arch)
     if match and match.group(2) in names:
         return f"model.layers.{match.group(1)}.{names[match.group(2)]}.{match.group(3)}"
     return None

@@ -18,11 +18,11 @@ Reference: ggml_blocks_ref.ggml_matmul_ref (tests/kernels/test_ggml_blocks.py).
 from __future__ import annotations
 
 import torch
-from gguf import GGMLQuantizationType
 
+from lowbit.kernels import ggml_blocks_ref
 from lowbit.kernels.cpu import extension
 
-TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
+TYPES = ggml_blocks_ref.TYPES
 
 # Activation rows from which the dense path takes over (see the module docstring): fp32 rows, and
 # 16-bit rows, which below DENSE_ROWS_INT8 take the int8 path. Measured in the engine on the 1.7B
@@ -49,7 +49,7 @@ def supports(name: str) -> str | None:
 def type_id(name: str) -> int:
     """ggml's id of the type (gguf.GGMLQuantizationType): what the C++ kernels and the compiled
     decode layer (as -id) are told."""
-    return GGMLQuantizationType[name].value
+    return ggml_blocks_ref.qtype(name).value
 
 
 def dequantize(blocks: torch.Tensor, in_features: int, name: str) -> torch.Tensor:

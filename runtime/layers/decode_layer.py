@@ -28,6 +28,7 @@ from lowbit.runtime.backends.base import Backend
 from lowbit.runtime.kv_cache import LayerKVCache
 
 from .attention_metadata import AttentionMetadata
+from .linear import joint_bias
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 
@@ -76,15 +77,11 @@ def _operands(projection: Any) -> list[tuple[list[torch.Tensor], int]] | str:
 
 
 def _bias(projection: Any, dtype: torch.dtype) -> torch.Tensor:
-    """The bias of a Linear/FusedLinear's whole output (zeros for parts without one), or an empty
-    tensor where no part has one (decode_layer.cpp's "none")."""
+    """The bias of a Linear/FusedLinear's whole output in the compute dtype, or an empty tensor
+    where no part has one (decode_layer.cpp's "none")."""
     parts = getattr(projection, "parts", [projection])
-    if all(part.bias is None for part in parts):
-        return torch.empty(0)
-    return torch.cat([
-        part.bias if part.bias is not None else torch.zeros(part.packed.out_features, dtype=dtype)
-        for part in parts
-    ])  # fmt: skip
+    bias = joint_bias([part.bias for part in parts], [part.packed.out_features for part in parts])
+    return torch.empty(0) if bias is None else bias.to(dtype)
 
 
 def _projections(layer: Any) -> dict[str, Any]:

@@ -10,6 +10,14 @@ from torch import nn
 from lowbit.runtime.quant import QuantizedWeight, WeightLike, dense_weight, pack_linear
 
 
+def joint_bias(biases: Sequence[torch.Tensor | None], sizes: Sequence[int]) -> torch.Tensor | None:
+    """One bias for outputs of these widths side by side (zeros where one has none), or None where
+    none has one."""
+    if all(b is None for b in biases):
+        return None
+    return torch.cat([torch.zeros(n) if b is None else b.float() for b, n in zip(biases, sizes, strict=True)])
+
+
 def _as_quantized(weight: WeightLike) -> QuantizedWeight:
     return dense_weight(weight) if isinstance(weight, torch.Tensor) else weight
 
@@ -61,14 +69,8 @@ class FusedLinear(nn.Module):
             raise ValueError(
                 f"a fused weight of {parts[0].out_features} rows cannot split into {list(sizes)}"
             )
-        if QuantizedWeight.can_concat(parts):
-            bias = None
-            if any(b is not None for b in biases):  # one add for the fused output; zeros where none
-                filled = [
-                    torch.zeros(n) if b is None else b.float()
-                    for b, n in zip(biases, self.sizes, strict=True)
-                ]
-                bias = torch.cat(filled)
+        if QuantizedWeight.can_concat(parts):  # one bias add for the fused output
+            bias = joint_bias(biases, self.sizes)
             self.parts = nn.ModuleList([Linear(QuantizedWeight.concat_rows(parts), device, dtype, bias)])
         else:
             self.parts = nn.ModuleList(

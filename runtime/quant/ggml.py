@@ -36,11 +36,33 @@ class GGMLConfig(QuantConfig):
             raise ValueError(f"ggml type {self.qtype!r} is not supported (supported: {', '.join(TYPES)})")
 
 
-class CpuGGMLKernel(LinearKernel):
-    """kernels/cpu/ggml_blocks.cpp on the file's blocks; rows stay readable for a tied embedding."""
+class _FileBlockRows:
+    """Kernels that keep the file's blocks as they are: a row gather is a row copy (a tied
+    embedding reads its rows there)."""
+
+    keeps_rows = True
+
+    def gather_rows(self, packed, rows):
+        return {"blocks": packed["blocks"][rows]}
+
+
+class _Q8_0Rows:
+    """Kernels that hold W8A16 groups of 32 as the exact Q8_0 blocks: they need fp16 scales, and
+    rows read back as canonical W8A16."""
+
+    keeps_rows = True
+
+    def can_pack(self, tensors):
+        return None if cpu_ggml.fp16_exact(tensors["scales"]) else "scales are not fp16 values"
+
+    def gather_rows(self, packed, rows):
+        return cpu_ggml.q8_0_rows(packed["blocks"][rows])
+
+
+class CpuGGMLKernel(_FileBlockRows, LinearKernel):
+    """kernels/cpu/ggml_blocks.cpp on the file's blocks."""
 
     name = "cpu-ggml"
-    keeps_rows = True
 
     @classmethod
     def can_implement(cls, config, out_features, in_features, device, dtype):
@@ -53,9 +75,6 @@ class CpuGGMLKernel(LinearKernel):
 
     def apply(self, x, packed):
         return cpu_ggml.gemm(x, packed["blocks"], self.config.qtype)
-
-    def gather_rows(self, packed, rows):
-        return {"blocks": packed["blocks"][rows]}
 
     def compiled_layer_operands(self, packed, in_features):
         return [packed["blocks"]], -cpu_ggml.type_id(self.config.qtype)
@@ -105,12 +124,11 @@ class CpuGGMLInt4Kernel(LinearKernel):
         return [packed["blocks"]], -cpu_ggml.type_id(self.qtype)
 
 
-class CpuGGMLInt8Kernel(LinearKernel):
+class CpuGGMLInt8Kernel(_Q8_0Rows, LinearKernel):
     """W8A16 group-32 weights with fp16 scales (GGUF Q8_0) as the exact Q8_0 blocks, through
-    kernels/cpu/ggml.py (see group_kernel_refusal for where); rows stay readable."""
+    kernels/cpu/ggml.py (see group_kernel_refusal for where)."""
 
     name = "cpu-ggml-int8"
-    keeps_rows = True
 
     @classmethod
     def can_implement(cls, config, out_features, in_features, device, dtype):
@@ -118,29 +136,21 @@ class CpuGGMLInt8Kernel(LinearKernel):
             return "GGUF blocks hold groups of 32"
         return group_kernel_refusal(config, device)
 
-    def can_pack(self, tensors):
-        return None if cpu_ggml.fp16_exact(tensors["scales"]) else "scales are not fp16 values"
-
     def pack(self, tensors):
         return {"blocks": cpu_ggml.int8_blocks(tensors["qweight"], tensors["scales"])}
 
     def apply(self, x, packed):
         return cpu_ggml.gemm(x, packed["blocks"], "Q8_0")
 
-    def gather_rows(self, packed, rows):
-        return cpu_ggml.q8_0_rows(packed["blocks"][rows])
-
     def compiled_layer_operands(self, packed, in_features):
         return [packed["blocks"]], -cpu_ggml.type_id("Q8_0")
 
 
-class TritonGGMLKernel(TritonKernel):
-    """kernels/triton_ggml.py on the file's blocks (every block decoded in registers); rows stay
-    readable for a tied embedding."""
+class TritonGGMLKernel(_FileBlockRows, TritonKernel):
+    """kernels/triton_ggml.py on the file's blocks (every block decoded in registers)."""
 
     name = "triton-ggml"
     module = "triton_ggml"
-    keeps_rows = True
 
     def pack(self, tensors):
         return {"blocks": tensors["blocks"].to(self.device).contiguous()}
@@ -148,17 +158,13 @@ class TritonGGMLKernel(TritonKernel):
     def apply(self, x, packed):
         return self.ops.ggml_matmul_triton(x, packed["blocks"], self.config.qtype)
 
-    def gather_rows(self, packed, rows):
-        return {"blocks": packed["blocks"][rows]}
 
-
-class TritonGGMLInt8Kernel(TritonKernel):
+class TritonGGMLInt8Kernel(_Q8_0Rows, TritonKernel):
     """W8A16 group-32 weights with fp16 scales (GGUF Q8_0) on CUDA, as the exact Q8_0 blocks
-    through kernels/triton_ggml.py (W8A16 has no Triton GEMM of its own); rows stay readable."""
+    through kernels/triton_ggml.py (W8A16 has no Triton GEMM of its own)."""
 
     name = "triton-ggml-int8"
     module = "triton_ggml"
-    keeps_rows = True
 
     @classmethod
     def can_implement(cls, config, out_features, in_features, device, dtype):
@@ -166,18 +172,12 @@ class TritonGGMLInt8Kernel(TritonKernel):
             return "GGUF Q8_0 blocks hold groups of 32"
         return super().can_implement(config, out_features, in_features, device, dtype)
 
-    def can_pack(self, tensors):
-        return None if cpu_ggml.fp16_exact(tensors["scales"]) else "scales are not fp16 values"
-
     def pack(self, tensors):
         blocks = cpu_ggml.int8_blocks(tensors["qweight"].cpu(), tensors["scales"].cpu())
         return {"blocks": blocks.to(self.device)}
 
     def apply(self, x, packed):
         return self.ops.ggml_matmul_triton(x, packed["blocks"], "Q8_0")
-
-    def gather_rows(self, packed, rows):
-        return cpu_ggml.q8_0_rows(packed["blocks"][rows])
 
 
 class GGMLMethod(QuantLinearMethod):

@@ -68,18 +68,23 @@ def tokenizer(default_gguf):
     return tokenizer_from_gguf(read_gguf(default_gguf).metadata)
 
 
-@cache
-def _build(family: str, root: str, hf_tokenizer) -> torch.nn.Module:
-    config_cls, model_cls, extra = FAMILIES[family]
-    torch.manual_seed(0)
-    model = model_cls(config_cls(**SHAPE, **extra)).eval()
+def _save(model_cls, config, path, hf_tokenizer, seed: int) -> torch.nn.Module:
+    """A random transformers model saved with the tokenizer; returns the model."""
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
     with torch.no_grad():  # random init leaves norms at 1 and biases at 0: perturb them to matter
         for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.2)
-    model.save_pretrained(f"{root}/{family}")
-    hf_tokenizer.save_pretrained(f"{root}/{family}")
+    model.save_pretrained(path)
+    hf_tokenizer.save_pretrained(path)
     return model
+
+
+@cache
+def _build(family: str, root: str, hf_tokenizer) -> torch.nn.Module:
+    config_cls, model_cls, extra = FAMILIES[family]
+    return _save(model_cls, config_cls(**SHAPE, **extra), f"{root}/{family}", hf_tokenizer, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -227,18 +232,6 @@ def test_folding_keeps_the_float_model(models, tokenizer, family):
 PHI3 = dict(SHAPE, rms_norm_eps=1e-5, tie_word_embeddings=False)
 
 
-def _save_phi3(path, hf_tokenizer, **extra) -> Phi3ForCausalLM:
-    torch.manual_seed(1)
-    model = Phi3ForCausalLM(Phi3Config(**{**PHI3, **extra})).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.2)
-    model.save_pretrained(path)
-    hf_tokenizer.save_pretrained(path)
-    return model
-
-
 @pytest.mark.parametrize("regime", ["short", "long"])
 def test_phi3_longrope_matches_transformers(tmp_path, tokenizer, regime):
     """LongRoPE (Phi-3-128k, Phi-3.5): per-frequency short/long factors and the attention factor on
@@ -252,7 +245,8 @@ def test_phi3_longrope_matches_transformers(tmp_path, tokenizer, regime):
         "short_factor": (1 + torch.rand(half, generator=gen)).tolist(),
         "long_factor": (1 + 8 * torch.rand(half, generator=gen)).tolist(),
     }  # fmt: skip
-    model = _save_phi3(tmp_path, tokenizer.hf, rope_parameters=rope, original_max_position_embeddings=16)
+    config = Phi3Config(**PHI3, rope_parameters=rope, original_max_position_embeddings=16)
+    model = _save(Phi3ForCausalLM, config, tmp_path, tokenizer.hf, seed=1)
     ids = tokenizer.encode(TEXT)
     ids = ids[:12] if regime == "short" else ids
     assert (len(ids) > 16) == (regime == "long")
