@@ -8,7 +8,10 @@ Inputs
   query_start  B + 1 host ints: sequence b owns q[query_start[b]:query_start[b + 1]]
   context_lens B host ints (or [B] tensor): tokens in the cache for b, including this step's
 The queries of sequence b sit at positions context_len - query_len ... context_len - 1 and attend
-causally. GQA: query head h reads kv head h // (H // Hkv). int8 K/V are dequantized in here, with
+causally; with a sliding `window` > 0 the query at position p reads only keys (p - window, p]
+(Mistral, Gemma's local layers: transformers' and llama.cpp's rule). `softcap` > 0 (Gemma 2) maps
+each scaled score s to softcap * tanh(s / softcap) before the softmax. GQA: query head h reads kv
+head h // (H // Hkv). int8 K/V are dequantized in here, with
 each token's own scales; nothing outside attention sees dequantized values.
 
 Reference: `paged_attention_ref` (a loop over sequences, fp32). Eager CPU paths: `decode_attention_cpu`
@@ -39,21 +42,37 @@ def gather_kv(
     return values
 
 
-def _causal_mask(query_len: int, context_len: int, device: torch.device) -> torch.Tensor:
-    """bool [query_len, context_len]: True where query i may read key j."""
-    query_pos = torch.arange(context_len - query_len, context_len, device=device)
-    return torch.arange(context_len, device=device)[None, :] <= query_pos[:, None]
+def _causal_mask(
+    query_len: int, context_len: int, device: torch.device, window: int = 0, key0: int = 0
+) -> torch.Tensor:
+    """bool [query_len, context_len - key0]: True where query i may read key key0 + j."""
+    query_pos = torch.arange(context_len - query_len, context_len, device=device)[:, None]
+    key_pos = torch.arange(key0, context_len, device=device)[None, :]
+    mask = key_pos <= query_pos
+    return mask & (key_pos > query_pos - window) if window > 0 else mask
 
 
-def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def soft_cap(scores: torch.Tensor, softcap: float) -> torch.Tensor:
+    """Gemma 2's attention logit cap: softcap * tanh(s / softcap), or s as it is for softcap 0."""
+    return torch.tanh(scores / softcap) * softcap if softcap > 0 else scores
+
+
+def window_start(position: int, window: int) -> int:
+    """The first key the query at `position` reads."""
+    return max(0, position - window + 1) if window > 0 else 0
+
+
+def attention_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int = 0, softcap: float = 0.0
+) -> torch.Tensor:
     """Contiguous causal attention for one sequence whose queries are the last tokens of k/v.
     q [Tq, H, D], k/v [C, Hkv, D] -> fp32 [Tq, H, D]."""
     query_len, num_heads, _ = q.shape
     group = num_heads // k.shape[1]
     k = k.float().repeat_interleave(group, dim=1)  # [C, H, D]
     v = v.float().repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale  # [H, Tq, C]
-    mask = _causal_mask(query_len, k.shape[0], q.device)
+    scores = soft_cap(torch.einsum("qhd,khd->hqk", q.float(), k) * scale, softcap)  # [H, Tq, C]
+    mask = _causal_mask(query_len, k.shape[0], q.device, window)
     scores = scores.masked_fill(~mask, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v)
 
@@ -68,6 +87,8 @@ def paged_attention_ref(
     scale: float | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """The spec for every paged attention path. Returns fp32 [T, H, D]."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -76,7 +97,7 @@ def paged_attention_ref(
         start, end = query_start[b], query_start[b + 1]
         k = gather_kv(k_cache, k_scale, block_tables[b], context_len)
         v = gather_kv(v_cache, v_scale, block_tables[b], context_len)
-        out[start:end] = attention_ref(q[start:end], k, v, scale)
+        out[start:end] = attention_ref(q[start:end], k, v, scale, window, softcap)
     return out
 
 
@@ -89,6 +110,8 @@ def prefill_attention_cpu(
     scale: float,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """One sequence's chunk of queries q [Tq, H, D] over its cache -> fp32 [Tq, H, D]."""
     query_len, num_heads, _ = q.shape
@@ -104,16 +127,28 @@ def prefill_attention_cpu(
     # which 4-D inputs select, was ~1.3x faster but moved the fast-mode parity passage outside
     # the spread of rounding noise (mean |dlogit| 0.059, against 0.051-0.054 for the math path
     # under 2e-7 relative perturbations), so it is not used.
+    # A soft-cap needs the scores between the product and the softmax, which SDPA does not expose:
+    # that (Gemma 2 only) takes the reference's own einsum path, chunk by chunk all the same.
+    attend = F.scaled_dot_product_attention if softcap == 0 else _capped_attention(softcap)
     out = torch.empty_like(qh)
     rows = max(1, SCORES_BYTES // (num_heads * context_len * 4))
     for start in range(0, query_len, rows):
         end = min(start + rows, query_len)
         visible = context_len - query_len + end  # keys up to the chunk's last query
-        mask = _causal_mask(end - start, visible, q.device)
-        out[:, start:end] = F.scaled_dot_product_attention(
-            qh[:, start:end], k[:, :visible], v[:, :visible], attn_mask=mask, scale=scale
+        key0 = window_start(visible - (end - start), window)  # the chunk's first query's first key
+        mask = _causal_mask(end - start, visible, q.device, window, key0)
+        out[:, start:end] = attend(
+            qh[:, start:end], k[:, key0:visible], v[:, key0:visible], attn_mask=mask, scale=scale
         )
     return out.transpose(0, 1)  # [Tq, H, D]
+
+
+def _capped_attention(softcap: float):
+    def attend(q, k, v, attn_mask, scale):  # q [H, Tq, D], k/v [H, C, D], attn_mask [Tq, C]
+        scores = soft_cap(torch.matmul(q, k.transpose(1, 2)) * scale, softcap)
+        return torch.matmul(scores.masked_fill(~attn_mask, float("-inf")).softmax(-1), v)
+
+    return attend
 
 
 SCORES_BYTES = 4 << 20  # bound on one query chunk's fp32 scores in prefill_attention_cpu
@@ -129,6 +164,8 @@ def decode_attention_cpu(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     masked: torch.Tensor | None = None,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """One query per sequence, q [B, H, D]; context_lens [B] tensor -> fp32 [B, H, D].
     No host sync and no loop over sequences: every sequence is gathered to the batch's block-table
@@ -146,8 +183,8 @@ def decode_attention_cpu(
     if k_scale is not None:
         scores = scores * k_scale[blocks].flatten(1, 2).transpose(1, 2)[:, :, None, :]
     if masked is None:
-        masked = decode_padding_mask(context_lens, k.shape[1])
-    scores = scores.masked_fill(masked[:, None, None, :], float("-inf"))
+        masked = decode_padding_mask(context_lens, k.shape[1], window)
+    scores = soft_cap(scores, softcap).masked_fill(masked[:, None, None, :], float("-inf"))
     probs = scores.softmax(dim=-1)
     if v_scale is not None:
         probs = probs * v_scale[blocks].flatten(1, 2).transpose(1, 2)[:, :, None, :]
@@ -155,7 +192,9 @@ def decode_attention_cpu(
     return out.reshape(batch, num_heads, head_dim)
 
 
-def decode_padding_mask(context_lens: torch.Tensor, length: int) -> torch.Tensor:
-    """bool [B, length]: True at cache positions past each sequence's context."""
-    positions = torch.arange(length, device=context_lens.device)
-    return positions[None, :] >= context_lens[:, None]
+def decode_padding_mask(context_lens: torch.Tensor, length: int, window: int = 0) -> torch.Tensor:
+    """bool [B, length]: True at cache positions past each sequence's context, or before its
+    sliding window."""
+    positions = torch.arange(length, device=context_lens.device)[None, :]
+    masked = positions >= context_lens[:, None]
+    return masked | (positions < context_lens[:, None] - window) if window > 0 else masked

@@ -20,7 +20,10 @@ program normalises and writes `out` itself; with several it writes (max, sum of 
 acc) to fp32 scratch and `_reduce_kernel` (grid (B, H)) combines them. Tiles are BLOCK_N tokens
 gathered through the block table token by token, so any block_size and scattered blocks work;
 positions at or past context_len are masked, and a context of 0 gives an output of 0 (as the
-reference does), so padded batch rows of a CUDA graph stay finite.
+reference does), so padded batch rows of a CUDA graph stay finite. A sliding `window` (> 0) starts
+the walk at the tile holding position context_len - window and masks the positions before it;
+`softcap` (> 0, Gemma 2) maps each scaled score to softcap * tanh(score / softcap) before the
+softmax (in the exp2 domain: the cap is scaled by log2(e) with the scores).
 
 Dtypes. Both dots run in q's dtype: K/V tiles (fp caches of another dtype, or int8 codes, which are
 exact in fp16/bf16) are converted to it after the load. int8 scales are applied outside the dots:
@@ -42,7 +45,8 @@ import triton
 import triton.language as tl
 
 from .kv_store_ref import check_kv_scales
-from .triton_support import next_power_of_2
+from .triton_soft_cap import soft_cap
+from .triton_support import check_window_and_cap, next_power_of_2
 
 Q_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.int8)
@@ -70,10 +74,10 @@ def _decode_split_kernel(
     context_lens_ptr,
     out_ptr, stride_ob, stride_oh, stride_od,
     part_m_ptr, part_l_ptr, part_acc_ptr,
-    qk_scale, num_heads, head_dim, max_blocks, num_splits,
+    qk_scale, num_heads, head_dim, max_blocks, num_splits, window, cap,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, DIRECT: tl.constexpr, QUANTIZED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WINDOWED: tl.constexpr, CAPPED: tl.constexpr,
 ):  # fmt: skip
     """Program (b, kv head, split): the group's heads over the split's share of b's tiles.
     DIRECT (one split): normalise into `out`. Else partials [B, H, num_splits] (m, l) and
@@ -86,10 +90,14 @@ def _decode_split_kernel(
     # Only the tiles that hold at least one cached token: each has a finite max, so the online
     # softmax never computes exp(-inf - -inf). Tokens past the table's width are never read.
     context_len = tl.minimum(context_len, max_blocks * BLOCK_SIZE)
-    num_tiles = tl.cdiv(context_len, BLOCK_N)
+    first = 0  # the first position the query reads
+    if WINDOWED:
+        first = tl.maximum(context_len - window, 0)
+    first_tile = first // BLOCK_N
+    num_tiles = tl.cdiv(context_len, BLOCK_N) - first_tile
     tiles_per_split = tl.cdiv(num_tiles, num_splits)
-    tile_lo = split * tiles_per_split
-    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+    tile_lo = first_tile + split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, first_tile + num_tiles)
 
     rows = tl.arange(0, BLOCK_G)  # [BLOCK_G] query heads of the group, padded
     dims = tl.arange(0, BLOCK_D)  # [BLOCK_D]
@@ -104,7 +112,7 @@ def _decode_split_kernel(
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)  # un-normalised output
     for tile in range(tile_lo, tile_hi):
         pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] token positions
-        pos_ok = pos < context_len
+        pos_ok = (pos < context_len) & (pos >= first)
         block = tl.load(
             block_tables_ptr + b * stride_btb + (pos // BLOCK_SIZE) * stride_btn, mask=pos_ok, other=0
         ).to(tl.int64)  # [BLOCK_N]
@@ -123,6 +131,8 @@ def _decode_split_kernel(
             s = s * (k_sc * qk_scale)[None, :]
         else:
             s = s * qk_scale
+        if CAPPED:
+            s = soft_cap(s, cap)
         s = tl.where(pos_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [BLOCK_G], finite: the tile has a token
         alpha = tl.exp2(m_i - m_new)
@@ -270,6 +280,8 @@ def paged_decode_attention_triton(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     num_splits: int | None = None,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """q [B, H, D] (one query per sequence, the last of its context) -> out [B, H, D] in q's
     dtype; matches `paged_attention_ref` with query_start = 0..B. `num_splits` None picks
@@ -277,6 +289,7 @@ def paged_decode_attention_triton(
     _check_inputs(q, k_cache, v_cache, block_tables, context_lens, k_scale, v_scale, num_splits)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale}")
+    check_window_and_cap(window, softcap)
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     max_blocks = block_tables.shape[1]
@@ -284,7 +297,8 @@ def paged_decode_attention_triton(
     if batch == 0:
         return out
     if num_splits is None:
-        num_splits = default_num_splits(batch, num_kv_heads, max_blocks * block_size, q.device)
+        longest = max_blocks * block_size if window <= 0 else min(max_blocks * block_size, window)
+        num_splits = default_num_splits(batch, num_kv_heads, longest, q.device)
     quantized = k_cache.dtype == torch.int8
     # fp caches pass the caches as stand-ins for the unused scale pointers (QUANTIZED=False).
     k_sc = k_scale if quantized else k_cache
@@ -308,10 +322,11 @@ def paged_decode_attention_triton(
         context_lens,
         out, *out.stride(),
         part_m, part_l, part_acc,
-        float(scale) * LOG2E, num_heads, head_dim, max_blocks, num_splits,
+        float(scale) * LOG2E, num_heads, head_dim, max_blocks, num_splits, window, float(softcap) * LOG2E,
         GROUP=group, BLOCK_G=max(MIN_DOT, next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
         BLOCK_SIZE=block_size, DIRECT=num_splits == 1, QUANTIZED=quantized,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,  # 16-bit: the default (ignored)
+        WINDOWED=window > 0, CAPPED=softcap > 0,
         # Two stages keep the pipelined K/V tiles within shared memory even for fp32 caches at D=256.
         num_warps=4, num_stages=2,
     )  # fmt: skip

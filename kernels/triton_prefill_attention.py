@@ -37,6 +37,12 @@ multiplies each key's score column in fp32 after QK^T; the V scale dequantizes t
 (v * scale, in fp32, then cast to q's dtype) before PV, so the probabilities never shrink toward
 fp16's subnormals.
 
+Sliding window (`window` > 0: row at position p reads keys (p - window, p]) and soft-cap (`softcap`
+> 0: scores -> softcap * tanh(score / softcap), Gemma 2) are both constexpr-gated, so a model without
+them runs the kernel as before. With a window the tile's keys are three ranges: [lo, full_lo) that
+only some rows see (masked by window), [full_lo, full_end) that every row sees (no predicates), and
+the causal range as above; keys before the first row's window are never read.
+
 Reference: `paged_attention_ref.paged_attention_ref` (fp32). Tolerance story: fp32 q agrees up to fp32
 summation order and exp2 vs exp (<= 3e-7 relative measured); fp16/bf16 q differ by the rounding of the
 probabilities (and int8-dequantized V) to q's dtype before PV and of the output to q's dtype: a few
@@ -50,7 +56,8 @@ import triton
 import triton.language as tl
 
 from .kv_store_ref import check_kv_scales
-from .triton_support import next_power_of_2
+from .triton_soft_cap import soft_cap
+from .triton_support import check_window_and_cap, next_power_of_2
 
 Q_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
@@ -72,15 +79,16 @@ def _load(ptrs, mask, MASK: tl.constexpr):
 @triton.jit
 def _attend_keys(
     acc, m_i, l_i, q, q_pos, lo, hi,
-    bt_row, k_base, v_base, ks_base, vs_base, qk_scale,
+    bt_row, k_base, v_base, ks_base, vs_base, qk_scale, window, cap,
     stride_btn, stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
     stride_ksb, stride_kst, stride_vsb, stride_vst,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
     QUANTIZED: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WINDOWED: tl.constexpr, CAPPED: tl.constexpr,
 ):  # fmt: skip
     """Fold keys [lo, hi) into the running (acc, m_i, l_i) and return them. MASKED: mask keys >= hi
-    and apply causality (the diagonal); else every key in range is visible to every row and hi - lo
-    is a multiple of BLOCK_N (no predicates on keys)."""
+    and apply causality (the diagonal) and the window; else every key in range is visible to every
+    row and hi - lo is a multiple of BLOCK_N (no predicates on keys)."""
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     dims = tl.arange(0, BLOCK_D)  # [BLOCK_D]
     d_ok = dims < HEAD_DIM
@@ -100,8 +108,12 @@ def _attend_keys(
             s = s * (k_scale * qk_scale)[None, :]
         else:
             s = s * qk_scale
+        if CAPPED:
+            s = soft_cap(s, cap)
         if MASKED:
             visible = key_ok[None, :] & (keys[None, :] <= q_pos[:, None])
+            if WINDOWED:
+                visible = visible & (keys[None, :] > q_pos[:, None] - window)
             s = tl.where(visible, s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [BLOCK_M]
@@ -124,7 +136,7 @@ def _attend_keys(
 @triton.jit
 def _prefill_attention_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, qstart_ptr, ctx_ptr, out_ptr,
-    qk_scale,
+    qk_scale, window, cap,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -134,7 +146,7 @@ def _prefill_attention_kernel(
     stride_ot, stride_oh, stride_od,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    QUANTIZED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    QUANTIZED: tl.constexpr, DOT_PRECISION: tl.constexpr, WINDOWED: tl.constexpr, CAPPED: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     seq = tl.program_id(1)
@@ -164,6 +176,12 @@ def _prefill_attention_kernel(
     last_tok = tl.minimum(first_tok + BLOCK_Q, query_len) - 1
     full_end = tl.where(tile_ok, (history + first_tok + 1) // BLOCK_N * BLOCK_N, 0)
     kv_end = tl.where(tile_ok, history + last_tok + 1, 0)
+    lo = 0  # the first key any row reads, rounded down to a tile
+    full_lo = 0  # the first key every row reads, rounded up to a tile (at most full_end)
+    if WINDOWED:
+        lo = tl.maximum(history + first_tok - window + 1, 0) // BLOCK_N * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(history + last_tok - window + 1, 0), BLOCK_N) * BLOCK_N
+        full_lo = tl.minimum(full_lo, full_end)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
@@ -173,17 +191,24 @@ def _prefill_attention_kernel(
     v_base = v_ptr + kv_head * stride_vh
     ks_base = ks_ptr + kv_head * stride_ksh
     vs_base = vs_ptr + kv_head * stride_vsh
+    if WINDOWED:
+        acc, m_i, l_i = _attend_keys(
+            acc, m_i, l_i, q, q_pos, lo, full_lo, bt_row, k_base, v_base, ks_base, vs_base, qk_scale,
+            window, cap, stride_btn, stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
+            stride_ksb, stride_kst, stride_vsb, stride_vst,
+            HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, QUANTIZED, True, DOT_PRECISION, WINDOWED, CAPPED,
+        )  # fmt: skip
     acc, m_i, l_i = _attend_keys(
-        acc, m_i, l_i, q, q_pos, 0, full_end, bt_row, k_base, v_base, ks_base, vs_base, qk_scale,
-        stride_btn, stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
+        acc, m_i, l_i, q, q_pos, full_lo, full_end, bt_row, k_base, v_base, ks_base, vs_base, qk_scale,
+        window, cap, stride_btn, stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
         stride_ksb, stride_kst, stride_vsb, stride_vst,
-        HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, QUANTIZED, False, DOT_PRECISION,
+        HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, QUANTIZED, False, DOT_PRECISION, WINDOWED, CAPPED,
     )  # fmt: skip
     acc, m_i, l_i = _attend_keys(
         acc, m_i, l_i, q, q_pos, full_end, kv_end, bt_row, k_base, v_base, ks_base, vs_base, qk_scale,
-        stride_btn, stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
+        window, cap, stride_btn, stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
         stride_ksb, stride_kst, stride_vsb, stride_vst,
-        HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, QUANTIZED, True, DOT_PRECISION,
+        HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, QUANTIZED, True, DOT_PRECISION, WINDOWED, CAPPED,
     )  # fmt: skip
 
     # Rows that saw no key (only rows that are not stored) keep l_i = 0: divide by 1 instead.
@@ -325,9 +350,12 @@ def prefill_attention_triton(
     scale: float,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Causal attention of every sequence's query chunk over its paged cache -> [T, H, D] in q's dtype."""
     _validate(q, k_cache, v_cache, block_tables, query_start, context_lens, max_query_len, k_scale, v_scale)
+    check_window_and_cap(window, softcap)
     tokens, num_heads, head_dim = q.shape
     num_blocks, page_size, num_kv_heads, _ = k_cache.shape
     if not q.is_cuda:
@@ -354,12 +382,12 @@ def prefill_attention_triton(
     grid = (triton.cdiv(max_query_len, block_q), batch, num_kv_heads)
     _prefill_attention_kernel[grid](
         q, k_cache, v_cache, ks, vs, block_tables, query_start, context_lens, out,
-        float(scale) * LOG2E,
+        float(scale) * LOG2E, window, float(softcap) * LOG2E,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *ks_strides, *vs_strides,
         *block_tables.stride(), *out.stride(),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=page_size,
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
-        QUANTIZED=quantized, DOT_PRECISION=precision,
+        QUANTIZED=quantized, DOT_PRECISION=precision, WINDOWED=window > 0, CAPPED=softcap > 0,
         num_warps=num_warps, num_stages=2,
     )  # fmt: skip
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import os
 
 import torch
@@ -58,3 +59,11 @@ def split_k_plan(programs: int, k_blocks: int, device: torch.device, split_k: in
         raise ValueError(f"triton: split_k must be >= 1, got {split_k}")
     per_split = -(-k_blocks // min(split_k, k_blocks))
     return -(-k_blocks // per_split), per_split
+
+
+def check_window_and_cap(window: int, softcap: float) -> None:
+    """The attention kernels' sliding window and logit cap: 0 for none, else positive."""
+    if not isinstance(window, int) or window < 0:
+        raise ValueError(f"window must be an int >= 0 (0: none), got {window!r}")
+    if not (softcap >= 0 and math.isfinite(softcap)):
+        raise ValueError(f"softcap must be a finite number >= 0 (0: none), got {softcap!r}")

@@ -1,12 +1,14 @@
-"""GGUF loader: llama-family GGUF files (llama, mistral, qwen2, qwen3, phi3) -> `Checkpoint` with
-weights kept in packed form.
+"""GGUF loader: GGUF files of the llama, mistral, qwen2, qwen3, phi3, gemma2 and gemma3
+architectures -> `Checkpoint` with weights kept in packed form.
 
 Tensor names are mapped to HF's (llama.cpp's names: gguf's TENSOR_NAMES). For the `llama` and
 `mistral` architectures llama.cpp's converter permutes the rows of attn_q/attn_k so that rotary
 pairs are adjacent (its interleaved RoPE); we permute them back (a row permutation, exact on packed
 data) and use HF's rotate-half RoPE for every format. Qwen2/Qwen3 files are stored unpermuted
 (NeoX RoPE, which is rotate-half). A family's options come from the tensors the file has: q/k/v
-biases (`attn_q.bias`, Qwen2), an o bias, q/k norms (`attn_q_norm`, Qwen3).
+biases (`attn_q.bias`, Qwen2), an o bias, q/k norms (`attn_q_norm`, Qwen3, Gemma 3). Gemma's
+converter stores every norm weight as 1 + w; we hand HF's w (the model adds the 1 back), and take
+what the converter does not write from llama.cpp's own rules (`_gemma`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from .gguf_blocks import decode_tensor
 from .gguf_file import GGUFFile, read_gguf
 from .tokenizer import tokenizer_from_gguf
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
 # Architectures whose converter permutes q/k rows for llama.cpp's interleaved RoPE.
 _PERMUTED = ("llama", "mistral")
 
@@ -50,8 +52,18 @@ _LAYER_NAMES = {
     "attn_q_norm": "self_attn.q_norm",
     "attn_k_norm": "self_attn.k_norm",
 }
-# Where an architecture's converter names a tensor differently: Phi-3 keeps its fused projections.
-_ARCH_LAYER_NAMES = {"phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}}
+# Where an architecture's converter names a tensor differently: Phi-3 keeps its fused projections,
+# Gemma has a norm on each side of attention and of the MLP.
+_GEMMA_NAMES = {
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_ARCH_LAYER_NAMES = {
+    "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+    "gemma2": _GEMMA_NAMES,
+    "gemma3": _GEMMA_NAMES,
+}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
@@ -128,7 +140,29 @@ def model_config(gguf: GGUFFile) -> ModelConfig:
         fused_gate_up=arch == "phi3",
         # Phi-3's converter writes 0 for "no window" (its Phi-4 marker).
         sliding_window=meta.get(f"{arch}.attention.sliding_window") or None,
+        **(_gemma(meta, arch) if arch.startswith("gemma") else {}),
     )
+
+
+def _gemma(meta: dict, arch: str) -> dict:
+    """Gemma's fields as llama.cpp derives them (src/llama-model.cpp): Gemma 2's even layers and all
+    but every 6th of Gemma 3's slide; the score scale is 1/sqrt(head_dim), except for the 27B models
+    (Gemma 2: 46 layers, Gemma 3: 62), whose query_pre_attn_scalar is hidden / heads."""
+    layers, hidden = meta[f"{arch}.block_count"], meta[f"{arch}.embedding_length"]
+    heads = meta[f"{arch}.attention.head_count"]
+    head_dim = meta.get(f"{arch}.attention.key_length", hidden // heads)
+    pattern = 2 if arch == "gemma2" else 6
+    big = layers == (46 if arch == "gemma2" else 62)
+    fields = {
+        "hidden_act": "gelu_tanh",
+        "attention_scale": (hidden / heads if big else head_dim) ** -0.5,
+        "attn_softcap": float(meta.get(f"{arch}.attn_logit_softcapping", 0.0)),
+        "final_softcap": float(meta.get(f"{arch}.final_logit_softcapping", 0.0)),
+        "layer_types": tuple("sliding" if (i + 1) % pattern else "full" for i in range(layers)),
+    }
+    if arch == "gemma3":
+        fields["rope_local_theta"] = float(meta.get(f"{arch}.rope.freq_base_swa", 10000.0))
+    return fields
 
 
 def _longrope(gguf: GGUFFile, arch: str, path: str) -> RopeScaling:
@@ -156,6 +190,7 @@ class _GGUFWeights:
 
     def __init__(self, gguf: GGUFFile, config: ModelConfig):
         self.gguf = gguf
+        self.norm_shift = config.architecture.startswith("gemma")
         names = {n: hf_name(n, config.architecture) for n in gguf.tensors}
         self.by_hf = {hf: n for n, hf in names.items() if hf is not None}
         self.unpermute = {}
@@ -173,6 +208,8 @@ class _GGUFWeights:
         except ValueError as e:
             raise ValueError(f"{self.gguf.path}: tensor {gguf_name!r}: {e}") from None
         self.gguf.release(gguf_name)
+        if self.norm_shift and name.endswith("norm.weight"):
+            return weight.float() - 1.0  # the converter's 1 + w, back to HF's w
         proj = name.split(".")[-2] if "." in name else None  # "rope_freqs" has no module part
         if proj in self.unpermute:
             index = self.unpermute[proj]

@@ -152,22 +152,10 @@ class Engine:
         return replace(m, rope_scaling=replace(s, use_long=long))
 
     def _max_model_len(self) -> int:
-        m = self.model_config
-        limit = m.max_context
-        if limit < m.max_position_embeddings:
-            logger.warning(
-                "context capped at the sliding window of %d tokens (trained for %d): sliding-window "
-                "attention is not implemented yet", limit, m.max_position_embeddings,
-            )  # fmt: skip
+        limit = self.model_config.max_position_embeddings
         asked = self.config.max_model_len or limit
         if asked > limit:
-            why = f"the model's context length of {m.max_position_embeddings}"
-            if limit < m.max_position_embeddings:
-                why = (
-                    f"the model's sliding window of {m.sliding_window} (attention is not masked by "
-                    "window yet, so contexts stop where full attention is still exact)"
-                )
-            raise ValueError(f"max_model_len {asked} exceeds {why}")
+            raise ValueError(f"max_model_len {asked} exceeds the model's context length of {limit}")
         return asked
 
     def _kv_spec(self) -> KVCacheSpec:

@@ -3,6 +3,9 @@
 // the probabilities (V) rather than into dequantized copies.
 //   paged_decode_attention  -> kernels/paged_attention_ref.py decode_attention_cpu
 //   paged_prefill_attention -> kernels/paged_attention_ref.py prefill_attention_cpu (SDPA's math path)
+// Both take the layer's sliding window (window > 0: the query at position p reads keys
+// (p - window, p], Mistral's and Gemma's local layers) and Gemma 2's logit soft-cap (softcap > 0:
+// each scaled score s becomes softcap * tanh(s / softcap) before the softmax).
 // Both are tested against paged_attention_ref and contiguous SDPA (tests/kernels/test_cpu_ops.py).
 #include "ops.h"
 
@@ -93,6 +96,18 @@ inline float row_max(const float* s, int64_t n) {
 #endif
   for (; i < n; ++i) top = std::max(top, s[i]);
   return top;
+}
+
+// s[0, n) -> softcap * tanh(s / softcap): Gemma 2 bounds its attention logits so (+-50).
+inline void soft_cap(float* s, int64_t n, float softcap) {
+  if (softcap <= 0.f) return;
+  const float inv = 1.f / softcap;
+  for (int64_t i = 0; i < n; ++i) s[i] = softcap * std::tanh(s[i] * inv);
+}
+
+// The first key position the query at position `pos` reads: pos - window + 1, or 0 without one.
+inline int64_t window_start(int64_t pos, int64_t window) {
+  return window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
 }
 
 // s[0, n) -> exp(s - max(s)); returns (max, sum of the exps).
@@ -276,7 +291,7 @@ void segment_values(const Segment<cache_t>& s, const float* p, float* out) {
 // One segment's partial softmax: per query head its max score, sum of exp(score - max) and the
 // unnormalized weighted sum of values, which decode_attention_impl merges across segments.
 template <typename cache_t>
-void attend_segment(const Segment<cache_t>& s, float* top, float* norm, float* acc) {
+void attend_segment(const Segment<cache_t>& s, float softcap, float* top, float* norm, float* acc) {
   alignas(64) float scores[kSegment * 8];
   std::vector<float> large;  // more than 8 query heads per kv head
   float* p = scores;
@@ -286,6 +301,7 @@ void attend_segment(const Segment<cache_t>& s, float* top, float* norm, float* a
   }
   segment_scores(s, p);
   for (int64_t g = 0; g < s.group; ++g) {
+    soft_cap(p + g * kSegment, s.count, softcap);
     std::tie(top[g], norm[g]) = softmax_numerators(p + g * kSegment, s.count);
     if (s.v_scales)
       for (int64_t i = 0; i < s.count; ++i) p[g * kSegment + i] *= s.v_scales[i];
@@ -298,15 +314,20 @@ void attend_segment(const Segment<cache_t>& s, float* top, float* norm, float* a
 template <typename cache_t>
 void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                            const float* k_scale, const float* v_scale, const int64_t* tables, int64_t width,
-                           const int32_t* lens, float scale, torch::Tensor& out) {
+                           const int32_t* lens, float scale, int64_t window, float softcap, torch::Tensor& out) {
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2), group = heads / kv_heads;
-  std::vector<int64_t> first(batch + 1, 0);  // first segment of each sequence
-  for (int64_t b = 0; b < batch; ++b) first[b + 1] = first[b] + (lens[b] + kSegment - 1) / kSegment;
+  std::vector<int64_t> first(batch + 1, 0), start(batch);  // first segment, first key of each sequence
+  int64_t keys = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    start[b] = window_start(lens[b] - 1, window);
+    keys += lens[b] - start[b];
+    first[b + 1] = first[b] + (lens[b] - start[b] + kSegment - 1) / kSegment;
+  }
   const int64_t tasks = first[batch] * kv_heads;
   // Below ~400 cached rows in all, forking the threads costs more than it saves (4.7 us on one
   // thread vs 10.1 on two at 16 keys x 3 kv heads; even at 384 rows).
-  const int64_t rows = std::accumulate(lens, lens + batch, int64_t{0}) * kv_heads;
+  const int64_t rows = keys * kv_heads;
   const int64_t grain = rows < 384 ? tasks + 1 : 1;  // parallel_for runs ranges shorter than grain inline
   std::vector<float> tops(tasks * group), norms(tasks * group), accs(tasks * group * dim);
   const float* qp = q.data_ptr<float>();
@@ -321,7 +342,8 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
     for (int64_t task = begin; task < end; ++task) {
       const int64_t segment = task / kv_heads, kvh = task % kv_heads;
       const int64_t b = std::upper_bound(first.begin(), first.end(), segment) - first.begin() - 1;
-      const int64_t s0 = (segment - first[b]) * kSegment, count = std::min<int64_t>(kSegment, lens[b] - s0);
+      const int64_t s0 = start[b] + (segment - first[b]) * kSegment;
+      const int64_t count = std::min<int64_t>(kSegment, lens[b] - s0);
       const int64_t* table = tables + b * width;
       // Keys [s0, s0 + count): block and offset advance together (no division per key).
       for (int64_t i = 0, block = s0 / block_size, offset = s0 % block_size; i < count; ++i) {
@@ -340,7 +362,7 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
       const float* qg = qp + (b * heads + kvh * group) * dim;
       for (int64_t j = 0; j < group * dim; ++j) qs[j] = qg[j] * scale;
       const Segment<cache_t> s{qs.data(), k_rows, v_rows, k_scales, v_scale ? v_scales : nullptr, count, group, dim};
-      attend_segment(s, tops.data() + task * group, norms.data() + task * group, accs.data() + task * group * dim);
+      attend_segment(s, softcap, tops.data() + task * group, norms.data() + task * group, accs.data() + task * group * dim);
     }
   });
   // Merge each query head's segments: rescale each by exp(its max - the overall max).
@@ -370,19 +392,19 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
 constexpr int64_t kKeyBlock = 16;  // keys per transposed K block: one 16-lane vector of scores
 constexpr int64_t kQueryTile = 16;  // query rows per task, the unit of parallel work
 
-// Dequantizes the first len keys and values of every kv head, scales folded in: K into blocks of
-// kKeyBlock keys transposed to keys[Hkv][block][D][16] (zero past len), V into values[Hkv][len][D].
-// Once per call, so every query tile reads the same copy.
+// Dequantizes keys and values [key0, key0 + len) of every kv head, scales folded in: K into blocks
+// of kKeyBlock keys transposed to keys[Hkv][block][D][16] (zero past len), V into values[Hkv][len][D],
+// both indexed from key0. Once per call, so every query tile reads the same copy.
 template <typename cache_t>
 void gather_heads(const cache_t* kp, const cache_t* vp, const float* k_scale, const float* v_scale,
-                  const int64_t* table, int64_t block_size, int64_t kv_heads, int64_t dim, int64_t len,
-                  std::vector<float>& keys, std::vector<float>& values) {
+                  const int64_t* table, int64_t block_size, int64_t kv_heads, int64_t dim, int64_t key0,
+                  int64_t len, std::vector<float>& keys, std::vector<float>& values) {
   const int64_t blocks = (len + kKeyBlock - 1) / kKeyBlock, head_keys = blocks * dim * kKeyBlock;
   keys.assign(kv_heads * head_keys, 0.f);
   values.resize(kv_heads * len * dim);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t l = begin * kKeyBlock; l < std::min(end * kKeyBlock, len); ++l) {
-      const int64_t slot = table[l / block_size] * block_size + l % block_size;
+      const int64_t slot = table[(key0 + l) / block_size] * block_size + (key0 + l) % block_size;
       for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
         const int64_t at = slot * kv_heads + kvh;
         const float ks = k_scale ? k_scale[at] : 1.f, vs = v_scale ? v_scale[at] : 1.f;
@@ -459,21 +481,22 @@ inline void weighted_values(const float* p, const float* values, int64_t len, in
 }
 
 // q [Tq, H, D] fp32 (the sequence's newest Tq tokens, the last at position context_len - 1);
-// table [nb] int64 -> out [Tq, H, D] fp32. Query row i sees keys [0, context_len - Tq + i].
-// Scores are never materialized beyond one row of one head; the context's dequantized K and V are
-// held for the call (4 * 2 * Hkv * D bytes per token).
+// table [nb] int64 -> out [Tq, H, D] fp32. Query row i, at position p = context_len - Tq + i, sees
+// keys [window_start(p), p]. Scores are never materialized beyond one row of one head; the
+// dequantized K and V the rows can see are held for the call (4 * 2 * Hkv * D bytes per token).
 template <typename cache_t>
 void prefill_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                             const float* k_scale, const float* v_scale, const int64_t* table, int64_t context_len,
-                            float scale, torch::Tensor& out) {
+                            float scale, int64_t window, float softcap, torch::Tensor& out) {
   const int64_t tq = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2), group = heads / kv_heads;
   const int64_t first = context_len - tq, tiles = (tq + kQueryTile - 1) / kQueryTile;
+  const int64_t key0 = window_start(first, window), held = context_len - key0;
   const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
   std::vector<float> keys, values;
   gather_heads(k_cache.data_ptr<cache_t>(), v_cache.data_ptr<cache_t>(), k_scale, v_scale, table, block_size,
-               kv_heads, dim, context_len, keys, values);
+               kv_heads, dim, key0, held, keys, values);
   const int64_t head_keys = keys.size() / kv_heads;
   at::parallel_for(0, kv_heads * tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(head_keys / dim), qs(dim);
@@ -481,16 +504,21 @@ void prefill_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache
       const int64_t kvh = task / tiles, r0 = (task % tiles) * kQueryTile;
       const int64_t r1 = std::min(r0 + kQueryTile, tq);
       const float* head_k = keys.data() + kvh * head_keys;
-      const float* head_v = values.data() + kvh * context_len * dim;
+      const float* head_v = values.data() + kvh * held * dim;
       for (int64_t r = r0; r < r1; ++r) {
-        const int64_t len = first + r + 1;
+        // The row's keys [lo, hi) in the held copy's indices; scores start at lo's key block.
+        const int64_t hi = first + r + 1 - key0, lo = window_start(first + r, window) - key0;
+        const int64_t b0 = lo / kKeyBlock, skip = lo - b0 * kKeyBlock, len = hi - lo;
         for (int64_t g = 0; g < group; ++g) {
           const int64_t h = kvh * group + g;
           const float* qr = qp + (r * heads + h) * dim;
           for (int64_t d = 0; d < dim; ++d) qs[d] = qr[d] * scale;
-          row_scores(qs.data(), head_k, dim, (len + kKeyBlock - 1) / kKeyBlock, scores.data());
-          const float norm = softmax_numerators(scores.data(), len).second;
-          weighted_values(scores.data(), head_v, len, dim, 1.f / norm, op + (r * heads + h) * dim);
+          row_scores(qs.data(), head_k + b0 * dim * kKeyBlock, dim, (hi + kKeyBlock - 1) / kKeyBlock - b0,
+                     scores.data());
+          float* row = scores.data() + skip;
+          soft_cap(row, len, softcap);
+          const float norm = softmax_numerators(row, len).second;
+          weighted_values(row, head_v + lo * dim, len, dim, 1.f / norm, op + (r * heads + h) * dim);
         }
       }
     }
@@ -501,8 +529,10 @@ void prefill_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache
 
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
-                                     torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
+                                     torch::Tensor block_tables, torch::Tensor context_lens, double scale,
+                                     int64_t window, double softcap) {
   check_caches(q, k_cache, v_cache);
+  TORCH_CHECK(window >= 0 && softcap >= 0, "window and softcap must be >= 0 (0: none)");
   const auto qf = q.to(torch::kFloat).contiguous();
   const auto tables = block_tables.to(torch::kLong).contiguous();
   const auto lens = context_lens.to(torch::kInt).contiguous();
@@ -517,15 +547,18 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   auto out = torch::empty(qf.sizes(), qf.options());
   dispatch_cache(k_cache, k_scale, v_scale, [&](auto tag, const float* ks, const float* vs) {
     decode_attention_impl<decltype(tag)>(qf, k_cache, v_cache, ks, vs, tables.data_ptr<int64_t>(), width,
-                                         lens.data_ptr<int32_t>(), static_cast<float>(scale), out);
+                                         lens.data_ptr<int32_t>(), static_cast<float>(scale), window,
+                                         static_cast<float>(softcap), out);
   });
   return out;
 }
 
 torch::Tensor paged_prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                       c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
-                                      torch::Tensor block_table, int64_t context_len, double scale) {
+                                      torch::Tensor block_table, int64_t context_len, double scale,
+                                      int64_t window, double softcap) {
   check_caches(q, k_cache, v_cache);
+  TORCH_CHECK(window >= 0 && softcap >= 0, "window and softcap must be >= 0 (0: none)");
   TORCH_CHECK(q.size(0) >= 1 && context_len >= q.size(0), "context_len must cover the queries");
   const auto table = block_table.to(torch::kLong).contiguous();
   TORCH_CHECK(table.dim() == 1, "block_table: [nb]");
@@ -534,7 +567,7 @@ torch::Tensor paged_prefill_attention(torch::Tensor q, torch::Tensor k_cache, to
   auto out = torch::empty(qf.sizes(), qf.options());
   dispatch_cache(k_cache, k_scale, v_scale, [&](auto tag, const float* ks, const float* vs) {
     prefill_attention_impl<decltype(tag)>(qf, k_cache, v_cache, ks, vs, table.data_ptr<int64_t>(), context_len,
-                                          static_cast<float>(scale), out);
+                                          static_cast<float>(scale), window, static_cast<float>(softcap), out);
   });
   return out;
 }

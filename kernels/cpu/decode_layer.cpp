@@ -95,7 +95,7 @@ DecodeLayer::DecodeLayer(torch::Tensor input_norm, torch::Tensor post_norm, doub
                          std::vector<std::vector<torch::Tensor>> parts, std::vector<int64_t> codes,
                          std::vector<int64_t> parts_per_projection, std::vector<torch::Tensor> biases,
                          torch::Tensor q_norm, torch::Tensor k_norm, int64_t num_heads, int64_t kv_heads,
-                         double scale, torch::ScalarType dtype)
+                         double scale, int64_t window, double softcap, torch::ScalarType dtype)
     : input_norm_(std::move(input_norm)),
       post_norm_(std::move(post_norm)),
       q_norm_(optional_tensor(std::move(q_norm))),
@@ -104,6 +104,8 @@ DecodeLayer::DecodeLayer(torch::Tensor input_norm, torch::Tensor post_norm, doub
       num_heads_(num_heads),
       kv_heads_(kv_heads),
       scale_(scale),
+      window_(window),
+      softcap_(softcap),
       dtype_(dtype) {
   TORCH_CHECK(parts_per_projection.size() == 4 && biases.size() == 4, "projections: expected qkv, o, gate_up, down");
   TORCH_CHECK(q_norm_.defined() == k_norm_.defined(), "q and k norms come together");
@@ -165,7 +167,8 @@ torch::Tensor DecodeLayer::forward(c10::optional<torch::Tensor> x, torch::Tensor
     head_rms_norm_(heads.narrow(1, num_heads_, kv_heads_), k_norm_, eps_);
   }
   const auto q = rotary_kv_store(heads, cos, sin, num_heads_, kv_heads_, k_cache, v_cache, slots, k_scale, v_scale);
-  const auto attn = paged_decode_attention(q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens, scale_);
+  const auto attn = paged_decode_attention(q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens, scale_,
+                                           window_, softcap_);
   const auto projected = o_(attn.reshape({tokens, -1}).to(dtype_), dtype_);
   const auto normed_mlp = add_rms_norm(projected, residual, post_norm_, eps_, dtype_);
   return down_(silu_mul(gate_up_(normed_mlp, dtype_)), dtype_);

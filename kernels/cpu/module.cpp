@@ -23,6 +23,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<ops::DecodeLayer>(m, "DecodeLayer")
       .def(pybind11::init<torch::Tensor, torch::Tensor, double, std::vector<std::vector<torch::Tensor>>,
                           std::vector<int64_t>, std::vector<int64_t>, std::vector<torch::Tensor>, torch::Tensor,
-                          torch::Tensor, int64_t, int64_t, double, torch::ScalarType>())
+                          torch::Tensor, int64_t, int64_t, double, int64_t, double, torch::ScalarType>())
       .def("forward", &ops::DecodeLayer::forward, "the layer's output; residual is updated in place");
 }

@@ -39,10 +39,12 @@ torch::Tensor rotary_kv_store(torch::Tensor heads, torch::Tensor cos, torch::Ten
 // attention.cpp: attention over the paged KV cache.
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
-                                     torch::Tensor block_tables, torch::Tensor context_lens, double scale);
+                                     torch::Tensor block_tables, torch::Tensor context_lens, double scale,
+                                     int64_t window, double softcap);
 torch::Tensor paged_prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                       c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
-                                      torch::Tensor block_table, int64_t context_len, double scale);
+                                      torch::Tensor block_table, int64_t context_len, double scale,
+                                      int64_t window, double softcap);
 
 // gemm.cpp: group-quantized int4 / int8 GEMM.
 torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor mins,
@@ -78,12 +80,13 @@ class DecodeLayer {
   // parts whose outputs are concatenated; a part is [q, scales] (int8) or [q, scales, mins] (int4)
   // with its group size as code, or [blocks] of GGUF blocks with code -ggml_type. biases: one per
   // projection in the compute dtype, added to its whole output (an empty tensor: none); q_norm /
-  // k_norm: per-head RMSNorm weights [head_dim] applied to q and k before rotary (empty: none).
+  // k_norm: per-head RMSNorm weights [head_dim] applied to q and k before rotary (empty: none);
+  // window / softcap: as paged_decode_attention's (0: none).
   DecodeLayer(torch::Tensor input_norm, torch::Tensor post_norm, double eps,
               std::vector<std::vector<torch::Tensor>> parts, std::vector<int64_t> codes,
               std::vector<int64_t> parts_per_projection, std::vector<torch::Tensor> biases,
               torch::Tensor q_norm, torch::Tensor k_norm, int64_t num_heads, int64_t kv_heads, double scale,
-              torch::ScalarType dtype);
+              int64_t window, double softcap, torch::ScalarType dtype);
 
   // x: the previous layer's output [T, hidden] (none for the first layer, whose input is already in
   // residual); residual fp32 [T, hidden], updated in place. Returns this layer's output [T, hidden].
@@ -108,6 +111,8 @@ class DecodeLayer {
   Projection qkv_, o_, gate_up_, down_;
   int64_t num_heads_, kv_heads_;
   double scale_;
+  int64_t window_;
+  double softcap_;
   torch::ScalarType dtype_;
 };
 

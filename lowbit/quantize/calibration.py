@@ -38,25 +38,35 @@ class _Stop(Exception):
 @torch.no_grad()
 def first_layer_inputs(
     model: nn.Module, samples: torch.Tensor, batch_size: int
-) -> tuple[list[torch.Tensor], dict]:
-    """The hidden states entering decoder layer 0 for each batch of samples, and the keyword
-    arguments (position embeddings, mask) the model passes every layer for that batch shape."""
-    layer0 = model.model.layers[0]
+) -> tuple[list[torch.Tensor], list[dict]]:
+    """The hidden states entering decoder layer 0 for each batch of samples, and per layer the
+    keyword arguments (position embeddings, mask) the model passes it for that batch shape. Layers
+    of different types (Gemma's sliding and full layers: their own masks and rotary tables) get
+    different ones, so the forward runs on to the first layer of the last type."""
+    layers = model.model.layers
+    types = list(getattr(model.config, "layer_types", None) or [None] * len(layers))
+    firsts = sorted({types.index(t) for t in types})  # the first layer of each type
     inputs: list[torch.Tensor] = []
-    kwargs: dict[str, Any] = {}
+    by_type: dict[Any, dict[str, Any]] = {}
 
-    def catch(module, args, kw):
-        inputs.append(args[0] if args else kw["hidden_states"])
-        kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
-        raise _Stop
+    def catch(i: int):
+        def hook(module, args, kw):
+            if i == 0:
+                inputs.append(args[0] if args else kw["hidden_states"])
+            by_type[types[i]] = {k: v for k, v in kw.items() if k != "hidden_states"}
+            if i == firsts[-1]:
+                raise _Stop
 
-    handle = layer0.register_forward_pre_hook(catch, with_kwargs=True)
+        return hook
+
+    handles = [layers[i].register_forward_pre_hook(catch(i), with_kwargs=True) for i in firsts]
     try:
         for batch in samples.split(batch_size):
             with suppress(_Stop):
                 model(batch)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     if len({t.shape for t in inputs}) != 1:
         raise ValueError("calibration batches must all have the same shape (num_samples % batch_size != 0?)")
     # No KV cache between calibration batches: a cache kept from one batch would let the next one
@@ -64,9 +74,10 @@ def first_layer_inputs(
     # it by type, not by name.
     from transformers.cache_utils import Cache
 
-    kwargs = {k: v for k, v in kwargs.items() if k != "past_key_values" and not isinstance(v, Cache)}
-    kwargs["use_cache"] = False
-    return inputs, kwargs
+    for kind, kwargs in by_type.items():
+        kept = {k: v for k, v in kwargs.items() if k != "past_key_values" and not isinstance(v, Cache)}
+        by_type[kind] = {**kept, "use_cache": False}
+    return inputs, [by_type[t] for t in types]
 
 
 @torch.no_grad()

@@ -193,10 +193,16 @@ def _fold(layer: nn.Module, scales: dict[str, torch.Tensor]) -> None:
     """Divide each input group's producer by s and multiply its consumers' columns by s: the float
     layer computes exactly the same function afterwards."""
     mlp, linears = layer.mlp, _groups(layer)
-    norms = {"q_proj": layer.input_layernorm.weight, "gate_proj": layer.post_attention_layernorm.weight}
+    # Gemma's layers (the only ones with a pre-feedforward norm) scale by 1 + w: fold into that.
+    gemma = hasattr(layer, "pre_feedforward_layernorm")
+    mlp_norm = layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm
+    norms = {"q_proj": layer.input_layernorm.weight, "gate_proj": mlp_norm.weight}
     for key, norm_weight in norms.items():
         s = scales[key]
-        norm_weight.div_(s)
+        if gemma:
+            norm_weight.copy_((1 + norm_weight) / s - 1)
+        else:
+            norm_weight.div_(s)
         for _, linear in linears[key]:
             linear.weight.mul_(s)
     s = scales["down_proj"]  # down's input is act(gate) * up: linear in up's output rows
@@ -299,7 +305,7 @@ def quantize_model(
     _check_group_size(checkpoint, opts)
     model = hf_model(checkpoint)
     layers = model.model.layers
-    inputs, kwargs = [], {}
+    inputs, kwargs = [], [{} for _ in layers]
     if opts.needs_calibration:
         if calibration_text is None:
             from .text_data import standard_text
@@ -312,10 +318,10 @@ def quantize_model(
     quantized: dict[str, QuantizedWeight] = {}
     method = _LAYER_METHODS[opts.method]
     for i, layer in enumerate(tqdm(layers, desc=f"{opts.method} layers", disable=not progress)):
-        layer_weights = method(layer, inputs, kwargs, opts)
+        layer_weights = method(layer, inputs, kwargs[i], opts)
         _set_quantized(layer, layer_weights)
         if opts.needs_calibration:
-            inputs = run_layer(layer, inputs, kwargs)
+            inputs = run_layer(layer, inputs, kwargs[i])
         prefix = f"model.layers.{i}."
         for name, qw in layer_weights.items():
             part = "self_attn" if name in (*ATTENTION, "qkv_proj", "o_proj") else "mlp"

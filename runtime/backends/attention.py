@@ -12,6 +12,7 @@ All read the layouts of kernels/paged_attention_ref.py and are tested against it
 from __future__ import annotations
 
 from abc import abstractmethod
+from dataclasses import dataclass
 
 import torch
 
@@ -27,13 +28,26 @@ from .base import CompiledCPU, DeviceBackend
 Rope = tuple[torch.Tensor, torch.Tensor]
 
 
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What one layer's attention computes, beside its inputs: the head counts, the score scale,
+    the sliding window (0: none; keys (p - window, p] for the query at position p) and the logit
+    soft-cap (0: none; Gemma 2's softcap * tanh(s / softcap))."""
+
+    num_heads: int
+    num_kv_heads: int
+    scale: float
+    window: int = 0
+    softcap: float = 0.0
+
+
 class AttentionBackend(DeviceBackend):
     """One layer's attention step, after its qkv projection and before its o projection."""
 
     @abstractmethod
     def forward(
         self, heads: torch.Tensor, rope: Rope, cache: LayerKVCache, meta: AttentionMetadata,
-        num_heads: int, num_kv_heads: int, scale: float,
+        spec: AttentionSpec,
     ) -> torch.Tensor:  # fmt: skip
         """heads [T, H + 2 Hkv, D]: the qkv projection (q and k may be rotated in place); rope: the
         step's (cos, sin) [T, 1, D]. Stores this step's k and v in `cache` and returns the attention
@@ -62,7 +76,8 @@ class TritonAttention(AttentionBackend):
         self.decode, self.prefill = paged_decode_attention_triton, prefill_attention_triton
         self.rotary, self.kv_store = rotary_triton, kv_store_triton
 
-    def forward(self, heads, rope, cache, meta, num_heads, num_kv_heads, scale):
+    def forward(self, heads, rope, cache, meta, spec):
+        num_heads, num_kv_heads = spec.num_heads, spec.num_kv_heads
         self.rotary(heads, *rope, num_heads + num_kv_heads)
         q = heads[:, :num_heads]  # [T, H, D], strided view
         k = heads[:, num_heads : num_heads + num_kv_heads]
@@ -70,11 +85,13 @@ class TritonAttention(AttentionBackend):
         self.kv_store(k, v, cache.k, cache.v, meta.slot_mapping, cache.k_scale, cache.v_scale)
         if meta.num_prefills == 0:
             return self.decode(
-                q, cache.k, cache.v, meta.block_tables, meta.context_lens, scale, cache.k_scale, cache.v_scale
-            )
+                q, cache.k, cache.v, meta.block_tables, meta.context_lens, spec.scale, cache.k_scale,
+                cache.v_scale, window=spec.window, softcap=spec.softcap,
+            )  # fmt: skip
         return self.prefill(
             q, cache.k, cache.v, meta.block_tables, meta.query_start_tensor, meta.context_lens,
-            meta.max_query_len, scale, cache.k_scale, cache.v_scale,
+            meta.max_query_len, spec.scale, cache.k_scale, cache.v_scale, window=spec.window,
+            softcap=spec.softcap,
         )  # fmt: skip
 
 
@@ -82,24 +99,24 @@ class PagedAttention(AttentionBackend):
     """The CPU-style step: rotate and store, then each prompt's queries over its own cache (one call
     per prompt) and all single-token sequences as one batched decode call, computed in fp32."""
 
-    def forward(self, heads, rope, cache, meta, num_heads, num_kv_heads, scale):
-        q = self.rotate_and_store(heads, rope, cache, meta, num_heads, num_kv_heads)
-        return self.paged_attention(q, cache, meta, scale).to(heads.dtype)
+    def forward(self, heads, rope, cache, meta, spec):
+        q = self.rotate_and_store(heads, rope, cache, meta, spec.num_heads, spec.num_kv_heads)
+        return self.paged_attention(q, cache, meta, spec).to(heads.dtype)
 
     def paged_attention(
-        self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float
+        self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, spec: AttentionSpec
     ) -> torch.Tensor:
         """q [T, H, D] -> fp32 [T, H, D], dispatching prefill sequences and the decode batch."""
         if meta.num_prefills == 0:  # the common step: no staging buffer
-            return self.decode(q, cache, meta, scale)
+            return self.decode(q, cache, meta, spec)
         first_decode = meta.num_prefill_tokens
         if meta.num_prefills == 1 and first_decode == q.shape[0]:  # one prompt alone: no staging either
-            return self.prefill(q, cache, meta, 0, scale)
+            return self.prefill(q, cache, meta, 0, spec)
         out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         for b in range(meta.num_prefills):
-            out[meta.query_start[b] : meta.query_start[b + 1]] = self.prefill(q, cache, meta, b, scale)
+            out[meta.query_start[b] : meta.query_start[b + 1]] = self.prefill(q, cache, meta, b, spec)
         if first_decode < q.shape[0]:
-            out[first_decode:] = self.decode(q[first_decode:], cache, meta, scale)
+            out[first_decode:] = self.decode(q[first_decode:], cache, meta, spec)
         return out
 
     @abstractmethod
@@ -111,13 +128,13 @@ class PagedAttention(AttentionBackend):
 
     @abstractmethod
     def prefill(
-        self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, b: int, scale: float
+        self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, b: int, spec: AttentionSpec
     ) -> torch.Tensor:
         """Sequence b's queries (its rows of q [T, H, D]) over its cache -> fp32 [Tq, H, D]."""
 
     @abstractmethod
     def decode(
-        self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float
+        self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, spec: AttentionSpec
     ) -> torch.Tensor:
         """One query per decode sequence, q [B_decode, H, D] -> fp32 [B_decode, H, D]."""
 
@@ -128,27 +145,28 @@ class CompiledCPUAttention(CompiledCPU, PagedAttention):
 
     name = "compiled-cpu"
 
-    def forward(self, heads, rope, cache, meta, num_heads, num_kv_heads, scale):
+    def forward(self, heads, rope, cache, meta, spec):
         # rotate_and_store inlined: the eager layers' hot path, one Python frame fewer per layer.
-        q = self.ops.rotary_kv_store(heads, *rope, num_heads, num_kv_heads, cache.k, cache.v,
+        q = self.ops.rotary_kv_store(heads, *rope, spec.num_heads, spec.num_kv_heads, cache.k, cache.v,
                                      meta.slot_mapping, cache.k_scale, cache.v_scale)  # fmt: skip
-        return self.paged_attention(q, cache, meta, scale).to(heads.dtype)
+        return self.paged_attention(q, cache, meta, spec).to(heads.dtype)
 
     def rotate_and_store(self, heads, rope, cache, meta, num_heads, num_kv_heads):
         return self.ops.rotary_kv_store(heads, *rope, num_heads, num_kv_heads, cache.k, cache.v,
                                         meta.slot_mapping, cache.k_scale, cache.v_scale)  # fmt: skip
 
-    def prefill(self, q, cache, meta, b, scale):
+    def prefill(self, q, cache, meta, b, spec):
         q = q[meta.query_start[b] : meta.query_start[b + 1]]
         table, context_len = meta.block_tables[b], meta.context_lens_host[b]
         return self.ops.paged_prefill_attention(
-            q, cache.k, cache.v, cache.k_scale, cache.v_scale, table, context_len, scale
-        )
+            q, cache.k, cache.v, cache.k_scale, cache.v_scale, table, context_len, spec.scale, spec.window,
+            spec.softcap,
+        )  # fmt: skip
 
-    def decode(self, q, cache, meta, scale):
+    def decode(self, q, cache, meta, spec):
         return self.ops.paged_decode_attention(
             q, cache.k, cache.v, cache.k_scale, cache.v_scale, meta.decode_block_tables,
-            meta.context_lens[meta.num_prefills :], scale,
+            meta.context_lens[meta.num_prefills :], spec.scale, spec.window, spec.softcap,
         )  # fmt: skip
 
 
@@ -167,17 +185,19 @@ class TorchAttention(PagedAttention):
                      padded=meta.has_padding)  # fmt: skip
         return q
 
-    def prefill(self, q, cache, meta, b, scale):
+    def prefill(self, q, cache, meta, b, spec):
         q = q[meta.query_start[b] : meta.query_start[b + 1]]
         table, context_len = meta.block_tables[b], meta.context_lens_host[b]
         return prefill_attention_cpu(
-            q, cache.k, cache.v, table, context_len, scale, cache.k_scale, cache.v_scale
-        )
+            q, cache.k, cache.v, table, context_len, spec.scale, cache.k_scale, cache.v_scale,
+            window=spec.window, softcap=spec.softcap,
+        )  # fmt: skip
 
-    def decode(self, q, cache, meta, scale):
+    def decode(self, q, cache, meta, spec):
         return decode_attention_cpu(
-            q, cache.k, cache.v, meta.decode_block_tables, meta.context_lens[meta.num_prefills :], scale,
-            cache.k_scale, cache.v_scale, masked=meta.decode_mask(cache.k.shape[1]),
+            q, cache.k, cache.v, meta.decode_block_tables, meta.context_lens[meta.num_prefills :], spec.scale,
+            cache.k_scale, cache.v_scale, masked=meta.decode_mask(cache.k.shape[1], spec.window),
+            softcap=spec.softcap,
         )  # fmt: skip
 
 

@@ -1,16 +1,16 @@
 """Self-attention over the paged KV cache: the qkv projection (with Qwen2's biases where the model
-has them), Qwen3's per-head q/k RMSNorm, the model's attention backend (rotary, cache write, paged
-attention: runtime/backends/attention.py), the o projection."""
+has them), Qwen3's and Gemma 3's per-head q/k RMSNorm, the model's attention backend (rotary, cache
+write, paged attention with the layer's window and soft-cap: runtime/backends/attention.py), the o
+projection."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from lowbit.runtime.backends.attention import AttentionBackend
+from lowbit.runtime.backends.attention import AttentionBackend, AttentionSpec
 from lowbit.runtime.kv_cache import LayerKVCache
 from lowbit.runtime.quant import WeightLike
 
@@ -19,8 +19,9 @@ from .linear import FusedLinear, Linear
 
 
 class HeadRMSNorm:
-    """RMSNorm over head_dim of each head, in place (Qwen3's q_norm / k_norm, applied before
-    rotary). As transformers computes it: normalized in fp32, cast back, then scaled."""
+    """RMSNorm over head_dim of each head, in place (Qwen3's and Gemma 3's q_norm / k_norm, applied
+    before rotary). As transformers computes Qwen3's: normalized in fp32, cast back, then scaled
+    (Gemma 3 scales before the cast: the same in fp32; its 1 + w comes from the loaders)."""
 
     def __init__(self, weight: torch.Tensor, eps: float, device: torch.device, dtype: torch.dtype):
         self.weight = weight.to(device=device, dtype=dtype)  # [D]
@@ -38,8 +39,7 @@ class Attention(nn.Module):
         self,
         qkv: Sequence[WeightLike],
         o: WeightLike,
-        num_heads: int,
-        num_kv_heads: int,
+        spec: AttentionSpec,
         head_dim: int,
         device: torch.device,
         dtype: torch.dtype,
@@ -50,14 +50,15 @@ class Attention(nn.Module):
     ):
         super().__init__()
         # qkv: [q, k, v], or one weight the checkpoint already fused (Phi-3).
+        num_heads, num_kv_heads = spec.num_heads, spec.num_kv_heads
         sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
         self.qkv = FusedLinear(qkv, device, dtype, qkv_bias, sizes if len(qkv) == 1 else None)
         self.o_proj = Linear(o, device, dtype, o_bias)
         self.qk_norm = qk_norm
+        self.spec = spec
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.scale = 1.0 / math.sqrt(head_dim)
         self.dtype = dtype
         self.backend = backend  # chosen once for the whole model
 
@@ -72,7 +73,7 @@ class Attention(nn.Module):
             q_norm, k_norm = self.qk_norm
             q_norm(heads[:, : self.num_heads])
             k_norm(heads[:, self.num_heads : self.num_heads + self.num_kv_heads])
-        out = self.backend.forward(heads, rope, cache, meta, self.num_heads, self.num_kv_heads, self.scale)
+        out = self.backend.forward(heads, rope, cache, meta, self.spec)
         return self.o_proj(out.reshape(tokens, -1))  # out [T, H, D] in the compute dtype
 
     __call__ = forward  # skip nn.Module hook dispatch: ~4 us a call, ~300 calls per decode step

@@ -49,13 +49,15 @@ class AttentionMetadata:
         return self.block_tables[self.num_prefills :].long()
 
     @cached_property
-    def _decode_masks(self) -> dict[int, torch.Tensor]:
+    def _decode_masks(self) -> dict[tuple[int, int], torch.Tensor]:
         return {}
 
-    def decode_mask(self, block_size: int) -> torch.Tensor:
-        """[B_decode, max_blocks * block_size] bool, True past each context; built once per step."""
+    def decode_mask(self, block_size: int, window: int = 0) -> torch.Tensor:
+        """[B_decode, max_blocks * block_size] bool, True past each context (and before its sliding
+        window); built once per step and window."""
         masks = self._decode_masks
-        if block_size not in masks:
+        if (block_size, window) not in masks:
             length = self.block_tables.shape[1] * block_size
-            masks[block_size] = decode_padding_mask(self.context_lens[self.num_prefills :], length)
-        return masks[block_size]
+            lens = self.context_lens[self.num_prefills :]
+            masks[block_size, window] = decode_padding_mask(lens, length, window)
+        return masks[block_size, window]

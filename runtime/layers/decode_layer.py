@@ -101,6 +101,8 @@ class CompiledCPULayers(LayerPath):
         if extension.load() is None:
             return "compiled CPU ops unavailable"
         for i, layer in enumerate(layers):
+            if layer.not_compiled:
+                return layer.not_compiled
             if not isinstance(layer.self_attn.backend, CompiledCPUAttention):
                 return f"layer {i}'s attention runs on {layer.self_attn.backend.name}"
             if layer.input_layernorm.quantize_output or layer.post_attention_layernorm.quantize_output:
@@ -122,7 +124,7 @@ class CompiledCPULayers(LayerPath):
             self.layers.append(ops.DecodeLayer(
                 norms[0].weight, norms[1].weight, norms[0].eps, [t for t, _ in parts], [c for _, c in parts],
                 [len(p) for p in projections], biases, q_norm, k_norm, attn.num_heads, attn.num_kv_heads,
-                attn.scale, dtype,
+                attn.spec.scale, attn.spec.window, attn.spec.softcap, dtype,
             ))  # fmt: skip
 
     def __call__(self, hidden, rope, kv_caches, meta):

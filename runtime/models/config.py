@@ -32,12 +32,19 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of a Llama-family decoder, read from a GGUF header or a config.json.
+    """Shape of a Llama- or Gemma-family decoder, read from a GGUF header or a config.json.
 
     The families differ by data here: `qkv_bias` (Qwen2, Llama's attention_bias), `o_bias`
-    (attention_bias), `mlp_bias`, `qk_norm` (Qwen3: RMSNorm over each head's q and k before
-    rotary), `sliding_window` (Mistral: each token attends to the last `sliding_window` positions),
-    `fused_qkv` / `fused_gate_up` (Phi-3's checkpoints store those projections as one weight each).
+    (attention_bias), `mlp_bias`, `qk_norm` (Qwen3, Gemma 3: RMSNorm over each head's q and k
+    before rotary), `sliding_window` (Mistral, Phi-3, Gemma: each token attends to the last
+    `sliding_window` positions) on the layers `layer_types` marks "sliding" (all of them when it is
+    empty), `fused_qkv` / `fused_gate_up` (Phi-3's checkpoints store those projections as one
+    weight each), `hidden_act` (the gated MLP's activation: "silu", or Gemma's "gelu_tanh"),
+    `attention_scale` (None: head_dim ** -0.5; Gemma: query_pre_attn_scalar ** -0.5),
+    `attn_softcap` / `final_softcap` (Gemma 2's attention and output logit caps, 0: none) and
+    `rope_local_theta` (Gemma 3's sliding layers rotate with their own base and no scaling).
+    What is code rather than data (Gemma's extra norms, its embedding scale) lives in the
+    family's model class (runtime/models/registry.py).
     """
 
     architecture: str
@@ -60,6 +67,12 @@ class ModelConfig:
     sliding_window: int | None = None
     fused_qkv: bool = False
     fused_gate_up: bool = False
+    hidden_act: str = "silu"
+    attention_scale: float | None = None
+    attn_softcap: float = 0.0
+    final_softcap: float = 0.0
+    layer_types: tuple[str, ...] = ()
+    rope_local_theta: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -70,12 +83,17 @@ class ModelConfig:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1 or None, got {self.sliding_window}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (supported: {ACTIVATIONS})")
+        if self.layer_types and (
+            len(self.layer_types) != self.num_layers or set(self.layer_types) - {"sliding", "full"}
+        ):
+            raise ValueError(f"layer_types must be 'sliding' or 'full' for each of {self.num_layers} layers")
 
-    @property
-    def max_context(self) -> int:
-        """The longest context this engine computes exactly: the trained length, capped at the
-        sliding window (attention is not yet masked by window, and up to the window full
-        attention is the same thing)."""
-        if self.sliding_window is None:
-            return self.max_position_embeddings
-        return min(self.max_position_embeddings, self.sliding_window)
+    def window(self, layer: int) -> int:
+        """Layer `layer`'s sliding window, 0 for full attention."""
+        sliding = not self.layer_types or self.layer_types[layer] == "sliding"
+        return self.sliding_window or 0 if sliding else 0
+
+
+ACTIVATIONS = ("silu", "gelu_tanh")

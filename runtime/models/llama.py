@@ -11,13 +11,14 @@ for the whole step (all sequences' tokens concatenated) and returns logits only 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.runtime.backends.attention import ATTENTION_BACKENDS, AttentionBackend
+from lowbit.runtime.backends.attention import ATTENTION_BACKENDS, AttentionBackend, AttentionSpec
 from lowbit.runtime.backends.base import choose
 from lowbit.runtime.backends.norm import NORM_BACKENDS, NormBackend
 from lowbit.runtime.kv_cache import LayerKVCache
@@ -32,10 +33,22 @@ from lowbit.runtime.models.config import ModelConfig
 from lowbit.runtime.quant import WeightLike
 
 
+def _silu(gate: torch.Tensor) -> torch.Tensor:
+    # In place on the gate/up output, which nothing else holds (the same roundings as F.silu(gate)).
+    return F.silu(gate, inplace=True)
+
+
+def _gelu_tanh(gate: torch.Tensor) -> torch.Tensor:
+    return F.gelu(gate, approximate="tanh")  # Gemma's gelu_pytorch_tanh
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"silu": _silu, "gelu_tanh": _gelu_tanh}
+
+
 class MLP(nn.Module):
     def __init__(
         self, gate_up: list[WeightLike], down: WeightLike, intermediate: int, device, dtype,
-        biases: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        biases: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, activation: str = "silu",
     ):  # fmt: skip
         """gate_up: [gate, up], or one weight the checkpoint already fused (Phi-3: gate rows first)."""
         super().__init__()
@@ -43,20 +56,29 @@ class MLP(nn.Module):
         sizes = [intermediate, intermediate] if len(gate_up) == 1 else None
         self.gate_up = FusedLinear(gate_up, device, dtype, [gate_bias, up_bias], sizes)
         self.down_proj = Linear(down, device, dtype, down_bias)
+        self.activation = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x)
-        # SiLU in place on the gate/up output, which nothing else holds (the same roundings as
-        # F.silu(gate) * up); the product goes to a new [T, I], and the [T, 2I] output is released
-        # before the down projection, whose temporaries are the largest of the layer.
-        act = F.silu(gate, inplace=True).mul(up)
+        # The product goes to a new [T, I], and the [T, 2I] output is released before the down
+        # projection, whose temporaries are the largest of the layer.
+        act = self.activation(gate).mul(up)
         del gate, up
         return self.down_proj(act)
 
     __call__ = forward  # skip nn.Module hook dispatch: ~4 us a call, ~300 calls per decode step
 
 
+def attention_spec(config: ModelConfig, layer: int) -> AttentionSpec:
+    scale = config.attention_scale or config.head_dim**-0.5
+    window, softcap = config.window(layer), config.attn_softcap
+    return AttentionSpec(config.num_heads, config.num_kv_heads, scale, window, softcap)
+
+
 class DecoderLayer(nn.Module):
+    # Why the compiled decode layer (runtime/layers/decode_layer.py) cannot run this layer, if so.
+    not_compiled: ClassVar[str | None] = None
+
     def __init__(
         self, config: ModelConfig, w: WeightGetter, i: int, device, dtype,
         attention: AttentionBackend, norm: NormBackend,
@@ -65,16 +87,17 @@ class DecoderLayer(nn.Module):
         p = f"model.layers.{i}."
         eps = config.rms_norm_eps
         a, m = p + "self_attn.", p + "mlp."
-        self.input_layernorm = RMSNorm(w(p + "input_layernorm.weight"), eps, device, dtype, norm)
+        self.norm_args = (eps, device, dtype, norm)
+        self.input_layernorm = self.rms_norm(w, p + "input_layernorm")
         qk_norm = None
         if config.qk_norm:
-            qk_norm = tuple(HeadRMSNorm(w(f"{a}{n}_norm.weight"), eps, device, dtype) for n in "qk")
+            weights = (self.norm_weight(w, f"{a}{n}_norm") for n in "qk")
+            qk_norm = tuple(HeadRMSNorm(weight, eps, device, dtype) for weight in weights)
         qkv = [w(a + "qkv_proj.weight")] if config.fused_qkv else [w(f"{a}{n}_proj.weight") for n in "qkv"]
         self.self_attn = Attention(
             qkv,
             w(a + "o_proj.weight"),
-            config.num_heads,
-            config.num_kv_heads,
+            attention_spec(config, i),
             config.head_dim,
             device,
             dtype,
@@ -83,9 +106,7 @@ class DecoderLayer(nn.Module):
             o_bias=w(a + "o_proj.bias") if config.o_bias else None,
             qk_norm=qk_norm,
         )
-        self.post_attention_layernorm = RMSNorm(
-            w(p + "post_attention_layernorm.weight"), eps, device, dtype, norm
-        )
+        self.post_attention_layernorm = self.rms_norm(w, p + "post_attention_layernorm")
         fused = config.fused_gate_up
         self.mlp = MLP(
             [w(m + "gate_up_proj.weight")] if fused else [w(m + "gate_proj.weight"), w(m + "up_proj.weight")],
@@ -94,9 +115,26 @@ class DecoderLayer(nn.Module):
             device,
             dtype,
             tuple(w(f"{m}{n}_proj.bias") for n in ("gate", "up", "down")) if config.mlp_bias else None,
+            config.hidden_act,
         )
+        self.add_norms(w, p)
         self.input_layernorm.fuse_quantization(self.self_attn.qkv)
-        self.post_attention_layernorm.fuse_quantization(self.mlp.gate_up)
+        self.mlp_norm.fuse_quantization(self.mlp.gate_up)
+
+    def add_norms(self, w: WeightGetter, prefix: str) -> None:
+        """A family's norms beyond the two every layer has (Gemma's sandwich norms)."""
+
+    @property
+    def mlp_norm(self) -> RMSNorm:
+        """The norm whose output the MLP reads."""
+        return self.post_attention_layernorm
+
+    def norm_weight(self, w: WeightGetter, name: str) -> torch.Tensor:
+        """A norm's effective weight from the checkpoint's (Gemma: 1 + w)."""
+        return w(name + ".weight")
+
+    def rms_norm(self, w: WeightGetter, name: str) -> RMSNorm:
+        return RMSNorm(self.norm_weight(w, name), *self.norm_args)
 
     def forward(self, rope, hidden, residual, cache: LayerKVCache, meta: AttentionMetadata):
         x, residual = self.input_layernorm(hidden, residual)
@@ -124,6 +162,7 @@ class WeightGetter:
 
 
 class LlamaForCausalLM(nn.Module):
+    LAYER: ClassVar[type[DecoderLayer]] = DecoderLayer
     # Decode steps (one token per sequence) take the first of these that can run this model: each
     # layer as one compiled call on CPU, else the eager layers. Prompts always run the eager layers.
     DECODE_PATHS: tuple[type[LayerPath], ...] = (CompiledCPULayers, EagerLayers)
@@ -153,13 +192,15 @@ class LlamaForCausalLM(nn.Module):
             config.head_dim, config.rope_theta, config.rope_scaling, w.get("rope_freqs")
         )
         self.rotary = RotaryEmbedding(inv_freq, device, config.rope_scaling.attention_factor)
+        self.embed_scale = 1.0  # Gemma scales its embeddings
         # One backend per op for the whole model, the first of each list that can run on the device.
         attention = choose("attention", ATTENTION_BACKENDS, device, dtype)
         norm = choose("norm", NORM_BACKENDS, device, dtype)
         self.layers = nn.ModuleList(
-            [DecoderLayer(config, w, i, device, dtype, attention, norm) for i in range(config.num_layers)]
+            [self.LAYER(config, w, i, device, dtype, attention, norm) for i in range(config.num_layers)]
         )
-        self.norm = RMSNorm(w("model.norm.weight"), config.rms_norm_eps, device, lm_head_dtype or dtype, norm)
+        final = self.layers[0].norm_weight(w, "model.norm")
+        self.norm = RMSNorm(final, config.rms_norm_eps, device, lm_head_dtype or dtype, norm)
         self.eager_layers = EagerLayers(self.layers, device, dtype)
         self.decode_path = choose("decode path", self.DECODE_PATHS, self.layers, device, dtype)
 
@@ -173,8 +214,17 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions [T]; logits_indices [S] -> fp32 logits [S, vocab]."""
         hidden = self.embed_tokens(input_ids)  # fp32 [T, hidden]
-        rope = self.rotary.tables(positions)
+        if self.embed_scale != 1.0:
+            hidden = hidden * self.embed_scale
+        rope = self.rope_tables(positions)
         layers = self.decode_path if meta.num_prefills == 0 else self.eager_layers
         hidden, residual = layers(hidden, rope, kv_caches, meta)
         x, _ = self.norm(hidden[logits_indices], residual[logits_indices])
-        return self.lm_head(x).float()
+        return self.output_logits(self.lm_head(x).float())
+
+    def rope_tables(self, positions: torch.Tensor):
+        """The step's rotary tables, in the form this model's layers take them."""
+        return self.rotary.tables(positions)
+
+    def output_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits

@@ -46,6 +46,7 @@ def test_add_rms_norm_rejects_a_non_fp32_residual():
                          torch.float32)  # fmt: skip
 
 
+PLAIN = (0, 0.0)  # (window, softcap): full attention, no cap
 CACHE_TOL = {
     torch.float32: FP32_TOL,
     torch.bfloat16: FP32_TOL,  # the reference reads the same bf16 values, so only summation order differs
@@ -64,7 +65,7 @@ def test_paged_decode_attention_matches_the_reference(cache_dtype, block_size, g
     scale = 1 / math.sqrt(HEAD_DIM)
     out = ops.paged_decode_attention(
         q, paged.k_cache, paged.v_cache, paged.k_scale, paged.v_scale, paged.block_tables,
-        torch.tensor(seq_lens, dtype=torch.int32), scale,
+        torch.tensor(seq_lens, dtype=torch.int32), scale, *PLAIN,
     )  # fmt: skip
     assert out.shape == q.shape and out.dtype == torch.float32
     starts = list(range(len(seq_lens) + 1))
@@ -119,7 +120,7 @@ def test_paged_decode_attention_long_contexts(cache_dtype, head_dim, group, bloc
     )
     scale = 1 / math.sqrt(head_dim)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
-    out = ops.paged_decode_attention(q, k_cache, v_cache, k_scale, v_scale, tables, lens, scale)
+    out = ops.paged_decode_attention(q, k_cache, v_cache, k_scale, v_scale, tables, lens, scale, *PLAIN)
     starts, table = list(range(len(seq_lens) + 1)), tables.clamp(min=0)
     ref = paged_attention_ref(q, k_cache, v_cache, table, starts, seq_lens, scale, k_scale, v_scale)
     torch.testing.assert_close(out, ref, **CACHE_TOL[cache_dtype])
@@ -128,23 +129,51 @@ def test_paged_decode_attention_long_contexts(cache_dtype, head_dim, group, bloc
             torch.testing.assert_close(out[b : b + 1], sdpa_reference(q[b : b + 1], k, v, scale), **FP32_TOL)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize(("window", "softcap"), [(200, 0.0), (7, 0.0), (0, 2.0), (130, 2.0)])
+def test_paged_decode_attention_window_and_softcap(cache_dtype, window, softcap):
+    """Mistral's / Gemma's window (keys from a start that is not a segment or block boundary, and
+    contexts shorter than it) and Gemma 2's logit cap, over 1-700 keys."""
+    seq_lens = [700, 1, 129, 256, 3, 383]
+    q, k_cache, v_cache, (k_scale, v_scale), tables, contiguous = _decode_case(
+        seq_lens, 3, 64, 16, cache_dtype, seed=window
+    )
+    scale, lens = 0.125, torch.tensor(seq_lens, dtype=torch.int32)
+    out = ops.paged_decode_attention(
+        q, k_cache, v_cache, k_scale, v_scale, tables, lens, scale, window, softcap
+    )
+    starts, table = list(range(len(seq_lens) + 1)), tables.clamp(min=0)
+    ref = paged_attention_ref(
+        q, k_cache, v_cache, table, starts, seq_lens, scale, k_scale, v_scale, window, softcap
+    )
+    torch.testing.assert_close(out, ref, **CACHE_TOL[cache_dtype])
+    if cache_dtype != torch.int8:
+        for b, (k, v) in enumerate(contiguous):
+            expected = sdpa_reference(q[b : b + 1], k, v, scale, window, softcap)
+            torch.testing.assert_close(out[b : b + 1], expected, **FP32_TOL)
+
+
 def test_paged_decode_attention_errors():
     paged = build_paged([4], 4, seed=0)
     q = random_q(1, 1, seed=0)
     lens = torch.tensor([4], dtype=torch.int32)
     too_narrow = paged.block_tables[:, :0]
     with pytest.raises(RuntimeError, match="block table"):
-        ops.paged_decode_attention(q, paged.k_cache, paged.v_cache, None, None, too_narrow, lens, 1.0)
+        ops.paged_decode_attention(q, paged.k_cache, paged.v_cache, None, None, too_narrow, lens, 1.0, *PLAIN)
     int8 = build_paged([4], 4, seed=0, cache_dtype=torch.int8)
     with pytest.raises(RuntimeError, match="k_scale"):
-        ops.paged_decode_attention(q, int8.k_cache, int8.v_cache, None, None, int8.block_tables, lens, 1.0)
+        ops.paged_decode_attention(
+            q, int8.k_cache, int8.v_cache, None, None, int8.block_tables, lens, 1.0, *PLAIN
+        )
     out_of_range = paged.block_tables + paged.k_cache.shape[0]
     with pytest.raises(RuntimeError, match="out of range"):
-        ops.paged_decode_attention(q, paged.k_cache, paged.v_cache, None, None, out_of_range, lens, 1.0)
+        ops.paged_decode_attention(
+            q, paged.k_cache, paged.v_cache, None, None, out_of_range, lens, 1.0, *PLAIN
+        )
     caches = (paged.k_cache, paged.v_cache, None, None, paged.block_tables)
     with pytest.raises(RuntimeError, match=">= 0"):
-        ops.paged_decode_attention(q, *caches, -lens, 1.0)
-    empty = ops.paged_decode_attention(q, *caches, lens * 0, 1.0)
+        ops.paged_decode_attention(q, *caches, -lens, 1.0, *PLAIN)
+    empty = ops.paged_decode_attention(q, *caches, lens * 0, 1.0, *PLAIN)
     assert torch.equal(empty, torch.zeros_like(q))  # no keys: zeros (a softmax over nothing is NaN)
 
 
@@ -182,7 +211,9 @@ def test_paged_prefill_attention_matches_the_reference(cache_dtype, head_dim, gr
     if query_len == 37:  # any float q is taken (and computed in fp32)
         q = q.to(torch.bfloat16)
     scale = 1 / math.sqrt(head_dim)
-    out = ops.paged_prefill_attention(q, k_cache, v_cache, k_scale, v_scale, table, context_len, scale)
+    out = ops.paged_prefill_attention(
+        q, k_cache, v_cache, k_scale, v_scale, table, context_len, scale, *PLAIN
+    )
     assert out.shape == q.shape and out.dtype == torch.float32
     ref = paged_attention_ref(
         q, k_cache, v_cache, table[None], [0, query_len], [context_len], scale, k_scale, v_scale
@@ -196,23 +227,59 @@ def test_paged_prefill_attention_matches_the_reference(cache_dtype, head_dim, gr
         torch.testing.assert_close(out, sdpa_reference(q, k, v, scale), **FP32_TOL)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.int8])
+@pytest.mark.parametrize(("window", "softcap"), [(50, 0.0), (5, 0.0), (0, 2.0), (37, 2.0)])
+@pytest.mark.parametrize("query_len", [200, 37, 1])
+def test_paged_prefill_attention_window_and_softcap(cache_dtype, window, softcap, query_len):
+    """Each query row reads its own window: rows whose window starts inside a 16-key score block,
+    a chunk whose first query's window starts past key 0 (only those keys are gathered)."""
+    context_len = 200
+    q, k_cache, v_cache, (k_scale, v_scale), table = _prefill_case(
+        context_len, 3, 64, 16, cache_dtype, seed=window + query_len
+    )
+    q = q[context_len - query_len :]
+    scale = 0.125
+    out = ops.paged_prefill_attention(
+        q, k_cache, v_cache, k_scale, v_scale, table, context_len, scale, window, softcap
+    )
+    ref = paged_attention_ref(
+        q,
+        k_cache,
+        v_cache,
+        table[None],
+        [0, query_len],
+        [context_len],
+        scale,
+        k_scale,
+        v_scale,
+        window,
+        softcap,
+    )
+    torch.testing.assert_close(out, ref, **CACHE_TOL[cache_dtype])
+    if cache_dtype != torch.int8:
+        positions = torch.arange(context_len)
+        slots = table.long()[positions // 16] * 16 + positions % 16
+        k, v = k_cache.flatten(0, 1)[slots].float(), v_cache.flatten(0, 1)[slots].float()
+        torch.testing.assert_close(out, sdpa_reference(q, k, v, scale, window, softcap), **FP32_TOL)
+
+
 def test_paged_prefill_attention_errors():
     q, k_cache, v_cache, _, table = _prefill_case(20, 1, 16, 4, torch.float32, seed=0)
     args = (None, None)
     with pytest.raises(RuntimeError, match="block table"):
-        ops.paged_prefill_attention(q, k_cache, v_cache, *args, table[:2], 20, 1.0)
+        ops.paged_prefill_attention(q, k_cache, v_cache, *args, table[:2], 20, 1.0, *PLAIN)
     with pytest.raises(RuntimeError, match="out of range"):
-        ops.paged_prefill_attention(q, k_cache, v_cache, *args, table + 100, 20, 1.0)
+        ops.paged_prefill_attention(q, k_cache, v_cache, *args, table + 100, 20, 1.0, *PLAIN)
     padded = torch.cat((table, torch.tensor([-1, 10**6], dtype=table.dtype)))  # padding is not read
     torch.testing.assert_close(
-        ops.paged_prefill_attention(q, k_cache, v_cache, *args, padded, 20, 1.0),
-        ops.paged_prefill_attention(q, k_cache, v_cache, *args, table, 20, 1.0),
+        ops.paged_prefill_attention(q, k_cache, v_cache, *args, padded, 20, 1.0, *PLAIN),
+        ops.paged_prefill_attention(q, k_cache, v_cache, *args, table, 20, 1.0, *PLAIN),
     )
     with pytest.raises(RuntimeError, match="cover the queries"):
-        ops.paged_prefill_attention(q, k_cache, v_cache, *args, table, 10, 1.0)
+        ops.paged_prefill_attention(q, k_cache, v_cache, *args, table, 10, 1.0, *PLAIN)
     int8 = _prefill_case(20, 1, 16, 4, torch.int8, seed=0)
     with pytest.raises(RuntimeError, match="k_scale"):
-        ops.paged_prefill_attention(int8[0], int8[1], int8[2], *args, int8[4], 20, 1.0)
+        ops.paged_prefill_attention(int8[0], int8[1], int8[2], *args, int8[4], 20, 1.0, *PLAIN)
 
 
 def _rotary_case(tokens: int, in_dtype: torch.dtype, seed: int):

@@ -1,5 +1,6 @@
 """Paged attention: the reference against contiguous causal SDPA computed here, and the CPU decode /
-prefill paths and the runtime dispatcher against the reference, on fp and int8 caches.
+prefill paths and the runtime dispatcher against the reference, on fp and int8 caches, with and
+without a sliding window and a logit soft-cap (Mistral's / Gemma's).
 
 Sequences are written into caches through scattered block tables (a random permutation of block
 ids), padded with block 0, and every cache slot no sequence owns holds large garbage, so reading
@@ -21,7 +22,7 @@ from lowbit.kernels.paged_attention_ref import (
     paged_attention_ref,
     prefill_attention_cpu,
 )
-from lowbit.runtime.backends.attention import CompiledCPUAttention, TorchAttention
+from lowbit.runtime.backends.attention import AttentionSpec, CompiledCPUAttention, TorchAttention
 from lowbit.runtime.kv_cache import LayerKVCache
 from lowbit.runtime.layers.attention_metadata import AttentionMetadata
 
@@ -100,15 +101,30 @@ def build_paged(
     return Paged(keys, values, k_cache, v_cache, k_scale, v_scale, block_tables)
 
 
-def sdpa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """Contiguous causal attention, queries = the last Tq of the C keys. q [Tq, H, D], k/v [C, Hkv, D]."""
+def sdpa_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, window: int = 0,
+    softcap: float = 0.0,
+) -> torch.Tensor:  # fmt: skip
+    """Contiguous causal attention, queries = the last Tq of the C keys. q [Tq, H, D], k/v [C, Hkv, D].
+    window > 0: query i (position C - Tq + i) reads only the `window` newest keys up to it, as
+    transformers' sliding_window_overlay (kv_idx > q_idx - window); softcap > 0: Gemma 2's
+    softcap * tanh(scores / softcap), written out."""
     query_len, num_heads, _ = q.shape
     context_len = k.shape[0]
     group = num_heads // k.shape[1]
     kh = k.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [H, C, D]; head h reads h // group
     vh = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
-    allowed = torch.ones(query_len, context_len).tril(diagonal=context_len - query_len).bool()
-    out = F.scaled_dot_product_attention(q.float().transpose(0, 1), kh, vh, attn_mask=allowed, scale=scale)
+    qh = q.float().transpose(0, 1)
+    ones = torch.ones(query_len, context_len)
+    allowed = ones.tril(diagonal=context_len - query_len).bool()
+    if window:
+        allowed &= ones.triu(diagonal=context_len - query_len - window + 1).bool()
+    if not softcap:
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed, scale=scale)
+    else:
+        scores = qh @ kh.transpose(1, 2) * (scale or q.shape[-1] ** -0.5)
+        scores = softcap * torch.tanh(scores / softcap)
+        out = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ vh
     return out.transpose(0, 1)
 
 
@@ -262,11 +278,16 @@ STEPS = {
 }
 
 
+# (window, softcap): none, Mistral's window (shorter than most contexts here), Gemma 2's cap, both.
+VARIANTS = [(0, 0.0), (5, 0.0), (0, 1.0), (5, 1.0)]
+
+
+@pytest.mark.parametrize(("window", "softcap"), VARIANTS)
 @pytest.mark.parametrize("backend", [CompiledCPUAttention, TorchAttention], ids=["compiled-ops", "eager"])
 @pytest.mark.parametrize("step", list(STEPS))
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.int8], ids=["fp32", "int8"])
 @pytest.mark.parametrize("block_size", [1, 4])
-def test_dispatcher_mixes_prefill_and_decode(block_size, cache_dtype, step, backend):
+def test_dispatcher_mixes_prefill_and_decode(block_size, cache_dtype, step, backend, window, softcap):
     cpu = torch.device("cpu")
     if (reason := backend.can_implement(cpu, torch.float32)) is not None:
         pytest.skip(reason)  # no C++ compiler: only the eager path exists
@@ -285,19 +306,25 @@ def test_dispatcher_mixes_prefill_and_decode(block_size, cache_dtype, step, back
     )
     assert meta.num_prefill_tokens == sum(query_lens[:num_prefills])
     scale = 1 / math.sqrt(HEAD_DIM)
-    out = backend(cpu, torch.float32).paged_attention(q, paged.cache(), meta, scale)
+    spec = AttentionSpec(q.shape[1], NUM_KV_HEADS, scale, window, softcap)
+    out = backend(cpu, torch.float32).paged_attention(q, paged.cache(), meta, spec)
     assert out.dtype == torch.float32 and out.shape == q.shape
     ref = paged_attention_ref(
         q, paged.k_cache, paged.v_cache, paged.block_tables, query_start, seq_lens, scale,
-        paged.k_scale, paged.v_scale,
+        paged.k_scale, paged.v_scale, window, softcap,
     )  # fmt: skip
     torch.testing.assert_close(out, ref, **FP32_TOL)
     tol = FP32_TOL if cache_dtype == torch.float32 else INT8_VS_FP_TOL
     for b in range(len(seq_lens)):
         s, e = query_start[b], query_start[b + 1]
-        torch.testing.assert_close(
-            out[s:e], sdpa_reference(q[s:e], paged.keys[b], paged.values[b], scale), **tol
-        )
+        expected = sdpa_reference(q[s:e], paged.keys[b], paged.values[b], scale, window, softcap)
+        torch.testing.assert_close(out[s:e], expected, **tol)
+    if window or softcap:  # guard: the variant changes the answer on these contexts
+        full = paged_attention_ref(
+            q, paged.k_cache, paged.v_cache, paged.block_tables, query_start, seq_lens, scale,
+            paged.k_scale, paged.v_scale,
+        )  # fmt: skip
+        assert (full - ref).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("cached", [0, 5], ids=["whole-prompt", "after-cached-prefix"])
@@ -319,3 +346,28 @@ def test_prefill_in_query_chunks(monkeypatch, rows, cached):
         q, paged.k_cache, paged.v_cache, paged.block_tables[b : b + 1], [0, query_len], [context_len], scale
     )
     torch.testing.assert_close(out, ref, **FP32_TOL)
+
+
+@pytest.mark.parametrize(("window", "softcap"), VARIANTS[1:])
+@pytest.mark.parametrize("query_len", [40, 13, 1])
+def test_prefill_chunks_read_only_their_window(monkeypatch, window, softcap, query_len):
+    """The eager prefill in query chunks of 3 rows (its score-memory bound made tiny): each chunk
+    slices the keys its first query can see, and the window mask is offset to match."""
+    import lowbit.kernels.paged_attention_ref as ref_module
+
+    monkeypatch.setattr(ref_module, "SCORES_BYTES", 3 * 3 * NUM_KV_HEADS * 40 * 4)
+    paged = build_paged([40], 4, seed=query_len)
+    q = random_q(query_len, 3, seed=query_len + 1)
+    scale = 1 / math.sqrt(HEAD_DIM)
+    out = prefill_attention_cpu(
+        q, paged.k_cache, paged.v_cache, paged.block_tables[0], 40, scale, window=window, softcap=softcap
+    )
+    expected = sdpa_reference(q, paged.keys[0], paged.values[0], scale, window, softcap)
+    torch.testing.assert_close(out, expected, **FP32_TOL)
+
+
+def test_window_reference_hand_computed():
+    """sdpa_reference's window on a case done by hand: equal scores, window 2 averages v[p-1..p]."""
+    q, k = torch.zeros(3, 1, 1), torch.zeros(3, 1, 1)
+    v = torch.tensor([1.0, 2.0, 6.0]).view(3, 1, 1)
+    assert torch.allclose(sdpa_reference(q, k, v, None, window=2).flatten(), torch.tensor([1.0, 1.5, 4.0]))

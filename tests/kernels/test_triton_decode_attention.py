@@ -104,16 +104,23 @@ def random_q(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype
     return q
 
 
-def check(case: Case, q: torch.Tensor, lens: list[int], num_splits: int | None) -> None:
+def check(
+    case: Case,
+    q: torch.Tensor,
+    lens: list[int],
+    num_splits: int | None,
+    window: int = 0,
+    softcap: float = 0.0,
+) -> None:
     scale = 1 / math.sqrt(q.shape[-1])
     out = paged_decode_attention_triton(
         q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, scale, **case.scales(),
-        num_splits=num_splits,
+        num_splits=num_splits, window=window, softcap=softcap,
     )  # fmt: skip
     assert out.dtype == q.dtype and out.shape == q.shape
     ref = paged_attention_ref(
         q.cpu(), case.k_cache.cpu(), case.v_cache.cpu(), case.block_tables.cpu(), list(range(len(lens) + 1)),
-        lens, scale, *[None if s is None else s.cpu() for s in (case.k_scale, case.v_scale)],
+        lens, scale, *[None if s is None else s.cpu() for s in (case.k_scale, case.v_scale)], window, softcap,
     )  # fmt: skip
     assert bool(torch.isfinite(ref).all())
     assert_close_rel(out.cpu(), ref, TOL[q.dtype])
@@ -141,6 +148,21 @@ def test_decode_matches_ref(cache_dtype, q_dtype, heads, kv_heads, head_dim, blo
     q = random_q(len(LENS), heads, kv_heads, head_dim, q_dtype, seed=head_dim)
     for num_splits in splits:
         check(case, q, LENS, num_splits)
+
+
+@pytest.mark.parametrize(("window", "softcap"), [(50, 0.0), (7, 0.0), (0, 1.0), (70, 1.0)])
+@pytest.mark.parametrize(
+    ("cache_dtype", "q_dtype"),
+    [(torch.float32, torch.float32), (torch.int8, torch.float16)],
+    ids=["fp32", "int8"],
+)
+def test_window_and_softcap_match_ref(cache_dtype, q_dtype, window, softcap):
+    """Mistral's / Gemma's window (starting inside a 64-token tile, or past the whole context) and
+    Gemma 2's cap, with one split and with splits that divide only the windowed tiles."""
+    case = build_case(LENS, 16, 3, 64, cache_dtype, seed=window + 1)
+    q = random_q(len(LENS), 9, 3, 64, q_dtype, seed=window + 2)
+    for num_splits in (1, 3, None):
+        check(case, q, LENS, num_splits, window, softcap)
 
 
 def test_decode_default_splits_and_empty_context():
@@ -189,6 +211,10 @@ def test_bad_inputs_raise():
     fp = build_case([5, 9], 4, 2, 16, torch.float16, seed=0)
     with pytest.raises(ValueError, match="only for int8 caches"):
         paged_decode_attention_triton(q, fp.k_cache, fp.v_cache, *args[2:], **case.scales())
+    with pytest.raises(ValueError, match="window must be an int >= 0"):
+        paged_decode_attention_triton(q, *args, **case.scales(), window=-1)
+    with pytest.raises(ValueError, match="softcap must be a finite number >= 0"):
+        paged_decode_attention_triton(q, *args, **case.scales(), softcap=float("inf"))
 
 
 # --- on a GPU -------------------------------------------------------------------------------------

@@ -55,6 +55,8 @@ class Batch:
     query_start: list[int]
     context_lens: list[int]
     scale: float
+    window: int = 0
+    softcap: float = 0.0
 
     def run(self, max_query_len: int | None = None) -> torch.Tensor:
         longest = max(b - a for a, b in zip(self.query_start, self.query_start[1:], strict=False))
@@ -63,13 +65,13 @@ class Batch:
             torch.tensor(self.query_start, dtype=torch.int32, device=DEVICE),
             torch.tensor(self.context_lens, dtype=torch.int32, device=DEVICE),
             longest if max_query_len is None else max_query_len, self.scale,
-            self.k_scale, self.v_scale,
+            self.k_scale, self.v_scale, window=self.window, softcap=self.softcap,
         )  # fmt: skip
 
     def reference(self) -> torch.Tensor:
         return paged_attention_ref(
             self.q, self.k_cache, self.v_cache, self.block_tables, self.query_start, self.context_lens,
-            self.scale, self.k_scale, self.v_scale,
+            self.scale, self.k_scale, self.v_scale, self.window, self.softcap,
         )  # fmt: skip
 
 
@@ -268,3 +270,14 @@ def test_bad_inputs_raise(mutate):
         pytest.skip("index values are only checked on CPU tensors (on CUDA it would cost a sync)")
     with pytest.raises(ValueError, match=message):
         prefill_attention_triton(**args)
+
+
+@pytest.mark.parametrize(("window", "softcap"), [(50, 0.0), (5, 0.0), (40, 1.0), (0, 1.0)])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.int8], ids=["fp32", "int8"])
+def test_window_and_softcap_match_ref(cache_dtype, window, softcap):
+    """Sliding windows (5: shorter than a key tile, rows' windows start in different tiles; 40 and
+    50: over the 117-token prefix, so the window-masked, unmasked and causal ranges all occur) and
+    Gemma 2's soft-cap, over the mixed batch."""
+    batch = build_batch(QUERY_LENS, CONTEXT_LENS, 9, 3, cache_dtype=cache_dtype, seed=window + 3)
+    batch.window, batch.softcap = window, softcap
+    check(batch, RTOL[torch.float32])

@@ -1,12 +1,16 @@
 """Model families from HF checkpoints: tiny random models built by transformers' own config and
-model classes (Qwen2, Qwen3, Llama with attention_bias / mlp_bias, Mistral with a sliding window,
-Phi-3 with fused projections and LongRoPE),
-saved as safetensors, against transformers on the same weights.
+model classes (Qwen2, Qwen3, Llama with attention_bias / mlp_bias, Mistral with a sliding window
+shorter than the prompt, Phi-3 with fused projections and LongRoPE, Gemma 2 with soft-caps and
+alternating sliding/full layers, Gemma 3 with q/k norms, 3 sliding : 1 full layers and a local rope
+base), saved as safetensors, against transformers on the same weights.
 
-- fp32 prompt logits equal transformers' (max |d| < 1e-3; measured ~1e-5: summation order);
-- greedy tokens equal transformers' greedy generate for 32 tokens;
-- decode steps on the compiled CPU layer (biases and q/k norms inside it) equal the eager layers;
-- a batch of prompts sharing a prefix (prefix cache, mixed prefill/decode steps) and int8 KV;
+- fp32 prompt logits equal transformers' (max |d| < 1e-3; measured ~1e-6: summation order), on a
+  prompt (18 tokens) longer than every sliding window (8);
+- greedy tokens equal transformers' greedy generate for 32 tokens (decoding past the window);
+- decode steps on the compiled CPU layer (biases, q/k norms and the window inside it) equal the
+  eager layers; Gemma's layers decode on the eager ones (the compiled layer refuses them);
+- a batch of prompts sharing a prefix (prefix cache, mixed prefill/decode steps) and int8 KV, over
+  each attention variant (bias, q/k norm, window, soft-cap);
 - round-to-nearest quantize-on-load against transformers on the same dequantized weights;
 - `lowbit quantize` (GPTQ, AWQ, SmoothQuant W8A8) on each family, written and loaded back.
 """
@@ -18,6 +22,10 @@ from functools import cache
 import pytest
 import torch
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -38,6 +46,7 @@ from lowbit.loaders.tokenizer import tokenizer_from_gguf
 from lowbit.loaders.writer import write_checkpoint
 from lowbit.quantize.pipeline import QuantizeOptions, _fold, _group_weights, hf_model, quantize_model
 from lowbit.quantize.text_data import standard_text
+from lowbit.runtime.layers.decode_layer import CompiledCPULayers
 from lowbit.runtime.quant import method_for
 from lowbit.runtime.quant.rtn import quantize_rtn
 
@@ -48,7 +57,9 @@ SHAPE = dict(
     vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
 )  # fmt: skip
-WINDOW = 96  # Mistral's sliding window: longer than every prompt here, so full attention is exact
+WINDOW = 8  # the sliding windows: shorter than TEXT's 18 tokens
+# Gemma: head_dim 48 with query_pre_attn_scalar 32, so the score scale is not head_dim's.
+GEMMA = dict(sliding_window=WINDOW, head_dim=48, query_pre_attn_scalar=32, tie_word_embeddings=True)
 FAMILIES = {
     # Qwen2: q/k/v biases, tied embeddings (its small sizes); theta 1e6 as Qwen2.5.
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=True, rope_theta=1e6)),
@@ -58,6 +69,15 @@ FAMILIES = {
     "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=WINDOW)),
     # Phi-3: qkv_proj and gate_up_proj fused in the checkpoint (each runs as one GEMM).
     "phi3": (Phi3Config, Phi3ForCausalLM, dict(tie_word_embeddings=False)),
+    # Gemma 2: attention soft-cap 50 and final soft-cap 30 (its defaults), layers slide / full.
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM, dict(GEMMA, num_hidden_layers=4)),
+    # Gemma 3: three sliding layers then a full one (its pattern, 5:1, shortened), rope bases 1e6
+    # (full) and 1e4 (sliding), no soft-caps.
+    "gemma3": (
+        Gemma3TextConfig,
+        Gemma3ForCausalLM,
+        dict(GEMMA, num_hidden_layers=4, layer_types=["sliding_attention"] * 3 + ["full_attention"]),
+    ),
 }
 TEXT = "The quick brown fox jumps over the lazy dog. The capital of France is Paris, and"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -84,7 +104,7 @@ def _save(model_cls, config, path, hf_tokenizer, seed: int) -> torch.nn.Module:
 @cache
 def _build(family: str, root: str, hf_tokenizer) -> torch.nn.Module:
     config_cls, model_cls, extra = FAMILIES[family]
-    return _save(model_cls, config_cls(**SHAPE, **extra), f"{root}/{family}", hf_tokenizer, seed=0)
+    return _save(model_cls, config_cls(**{**SHAPE, **extra}), f"{root}/{family}", hf_tokenizer, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +128,7 @@ def test_fp32_logits_and_greedy_tokens_match_transformers(models, tokenizer, fam
     ids = tokenizer.encode(TEXT)
     llm = load(path, dtype="float32")
     assert llm.engine.info.architecture == ("llama" if family == "llama-bias" else family)
+    assert len(ids) > WINDOW
     assert (llm.engine.score(ids) - hf_logits(model, ids)).abs().max().item() < 1e-3
     with torch.no_grad():
         expected = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, min_new_tokens=32)
@@ -116,18 +137,27 @@ def test_fp32_logits_and_greedy_tokens_match_transformers(models, tokenizer, fam
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama-bias", "phi3"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama-bias", "phi3", "mistral"])
 def test_compiled_decode_layers_equal_eager_ones(models, tokenizer, family, dtype):
-    """Biases and q/k norms run inside the compiled CPU layer with the eager layers' roundings
-    (int8 weights on load: the compiled layer takes packed projections, not dense ones)."""
+    """Biases, q/k norms and the sliding window run inside the compiled CPU layer with the eager
+    layers' roundings (int8 weights on load: the compiled layer takes packed projections)."""
     if extension.load() is None:
         pytest.skip("no C++ compiler: no compiled decode path")
     llm = load(models(family)[0], dtype=dtype, quantization="w8a16")
     assert_compiled_decode_equals_eager(llm, tokenizer.encode(TEXT), 12, dtype)
 
 
+def test_gemma_decodes_on_the_eager_layers(models):
+    """Gemma's sandwich norms and GELU are not in the compiled layer: it says so and is not chosen."""
+    llm = load(models("gemma2")[0], dtype="float32", quantization="w8a16")
+    model = llm.engine.model
+    assert model.decode_path.name == "eager-layers"
+    why = CompiledCPULayers.can_implement(model.layers, torch.device("cpu"), torch.float32)
+    assert "post-attention" in why
+
+
 @pytest.mark.parametrize("kv", ["auto", "int8"])
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "gemma2"])
 def test_batch_with_shared_prefix_equals_one_at_a_time(models, tokenizer, family, kv):
     """Three prompts at once (one reuses another's cached prefix) give each prompt's own answer."""
     llm = load(models(family)[0], dtype="float32", kv_cache_dtype=kv)
@@ -164,13 +194,10 @@ def test_quantize_on_load_matches_transformers_on_the_same_weights(models, token
     assert (got - hf_logits(clone, ids)).abs().max().item() < 1e-3
 
 
-def test_context_is_capped_at_the_sliding_window(models):
-    """Mistral's window is not masked yet: the engine serves contexts up to the window only, where
-    full attention is exact, and says so for a longer max_model_len."""
+def test_sliding_window_serves_the_whole_trained_context(models):
+    """The window is masked, not a cap on the context: max_model_len is the trained length."""
     path, _ = models("mistral")
-    assert load(path, dtype="float32").engine.max_model_len == WINDOW
-    with pytest.raises(ValueError, match=f"sliding window of {WINDOW}"):
-        load(path, dtype="float32", max_model_len=WINDOW + 1)
+    assert load(path, dtype="float32").engine.max_model_len == SHAPE["max_position_embeddings"]
 
 
 # ---------------------------------------------------------------------- lowbit quantize per family

@@ -1,11 +1,16 @@
-"""Qwen2, Qwen3 and Phi-3 GGUF files written by llama.cpp's own converter and quantizer (tests/data/gguf/,
-copied from the shared fixture set; its README says how they were made), against the same two
+"""Qwen2, Qwen3, Phi-3, Gemma 2 and Gemma 3 GGUF files written by llama.cpp's own converter and
+quantizer (tests/data/gguf/, copied from the shared fixture set; its README says how they were
+made), against the same two
 independent references as the Llama 3 presets (tests/model/test_gguf_presets.py, whose bounds
 apply unchanged: docs/accuracy.md):
 
 - transformers in fp32 on gguf-py's dequantization of each file (`hf_dequant`): the tensor names
-  (q/k/v biases, q/k norms, Phi-3's fused attn_qkv and gate-then-up ffn_up), the unpermuted
-  NeoX-RoPE rows and the family options are llama.cpp's own, not our writer's;
+  (q/k/v biases, q/k norms, Phi-3's fused attn_qkv and gate-then-up ffn_up, Gemma's four norms
+  per layer stored as 1 + w), the unpermuted NeoX-RoPE rows and the family options are llama.cpp's
+  own, not our writer's. Gemma's sliding window (8) is shorter than the 16 scored tokens: Gemma 2's
+  layer 0 and both of Gemma 3's layers slide, Gemma 2 soft-caps its attention and output logits,
+  and what the converter does not write (the sliding/full pattern, the score scale, Gemma 3's
+  local rope base where absent) follows llama.cpp's rules;
 - llama.cpp's logits on the same file, and its greedy tokens wherever its top-2 margin is clear.
 """
 
@@ -24,7 +29,7 @@ from lowbit import LLM
 from .test_gguf_presets import EXACT_MAX, KV_MEMORY, LLAMACPP_MAX, LLAMACPP_MEAN
 
 DATA = Path(__file__).parents[1] / "data" / "gguf"
-ARCHS = ("qwen2", "qwen3", "phi3")
+ARCHS = ("qwen2", "qwen3", "phi3", "gemma2", "gemma3")
 CASES = [
     (arch, p.stem.removeprefix(f"{arch}-")) for arch in ARCHS for p in sorted((DATA / arch).glob("*.gguf"))
 ]

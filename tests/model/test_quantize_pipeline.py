@@ -172,8 +172,8 @@ def test_layer_by_layer_calibration_reproduces_the_forward(tiny, checkpoint, cal
     assert len(inputs) == 2
     with torch.no_grad():
         torch.testing.assert_close(torch.cat(inputs), model.model.embed_tokens(samples), atol=0, rtol=0)
-        for layer in model.model.layers:
-            inputs = run_layer(layer, inputs, kwargs)
+        for layer, layer_kwargs in zip(model.model.layers, kwargs, strict=True):
+            inputs = run_layer(layer, inputs, layer_kwargs)
         logits = model.lm_head(model.model.norm(torch.cat(inputs)))
         torch.testing.assert_close(logits, model(samples).logits, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="same shape"):
@@ -183,14 +183,14 @@ def test_layer_by_layer_calibration_reproduces_the_forward(tiny, checkpoint, cal
 def _fold_everywhere(model: torch.nn.Module, samples: torch.Tensor, scales_for: Callable) -> None:
     """Fold scales_for(collected inputs, group weights) into each layer, calibrating layer by layer."""
     inputs, kwargs = first_layer_inputs(model, samples, batch_size=4)
-    for layer in model.model.layers:
-        collected = _collect(layer, inputs, kwargs, limit=512)
+    for layer, layer_kwargs in zip(model.model.layers, kwargs, strict=True):
+        collected = _collect(layer, inputs, layer_kwargs, limit=512)
         scales = {key: scales_for(collected, key, weights) for key, weights in _group_weights(layer).items()}
         norm_before = layer.input_layernorm.weight.clone()
         _fold(layer, scales)
         change = (layer.input_layernorm.weight / norm_before).log().abs().max()
         assert change > 0.05, change  # guards the test: the fold really moved weight around
-        inputs = run_layer(layer, inputs, kwargs)
+        inputs = run_layer(layer, inputs, layer_kwargs)
 
 
 def _smoothquant_scales(collected, key, weights) -> torch.Tensor:
