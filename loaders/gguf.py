@@ -155,7 +155,7 @@ def _gemma(meta: dict, arch: str) -> dict:
     big = layers == (46 if arch == "gemma2" else 62)
     fields = {
         "hidden_act": "gelu_tanh",
-        "attention_scale": (hidden / heads if big else head_dim) ** -0.5,
+        "query_pre_attn_scalar": hidden // heads if big else head_dim,
         "attn_softcap": float(meta.get(f"{arch}.attn_logit_softcapping", 0.0)),
         "final_softcap": float(meta.get(f"{arch}.final_logit_softcapping", 0.0)),
         "layer_types": tuple("sliding" if (i + 1) % pattern else "full" for i in range(layers)),

@@ -94,7 +94,7 @@ def _gemma(cfg: dict[str, Any], model_type: str, path: Path | str) -> dict[str, 
         types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
     fields: dict[str, Any] = {
         "hidden_act": "gelu_tanh",
-        "attention_scale": float(cfg["query_pre_attn_scalar"]) ** -0.5,
+        "query_pre_attn_scalar": cfg["query_pre_attn_scalar"],
         "attn_softcap": float(cfg.get("attn_logit_softcapping") or 0.0),
         "final_softcap": float(cfg.get("final_logit_softcapping") or 0.0),
         "sliding_window": cfg.get("sliding_window"),
@@ -226,7 +226,7 @@ def to_hf_config(config: ModelConfig, dtype: str = "float16") -> dict[str, Any]:
 def _gemma_fields(config: ModelConfig, rope: dict[str, Any]) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "hidden_activation": "gelu_pytorch_tanh",
-        "query_pre_attn_scalar": (config.attention_scale or config.head_dim**-0.5) ** -2,
+        "query_pre_attn_scalar": config.query_pre_attn_scalar or config.head_dim,
         "attn_logit_softcapping": config.attn_softcap or None,
         "final_logit_softcapping": config.final_softcap or None,
         "sliding_window": config.sliding_window,

@@ -97,6 +97,11 @@ def hf_model(checkpoint: Checkpoint) -> nn.Module:
     model.tie_weights()
     rotary = model.model.rotary_emb  # built on meta: rebuild its buffers on the CPU
     model.model.rotary_emb = type(rotary)(config=config)
+    embed = model.model.embed_tokens
+    if hasattr(embed, "embed_scale"):  # Gemma's scaled embedding keeps sqrt(hidden) as a buffer
+        embed.embed_scale = torch.tensor(config.hidden_size**0.5)
+    if left := [name for name, b in model.named_buffers() if b.is_meta]:
+        raise ValueError(f"cannot rebuild the float model: buffers {left} were not restored")
     return model.float().eval()
 
 

@@ -40,7 +40,7 @@ class ModelConfig:
     `sliding_window` positions) on the layers `layer_types` marks "sliding" (all of them when it is
     empty), `fused_qkv` / `fused_gate_up` (Phi-3's checkpoints store those projections as one
     weight each), `hidden_act` (the gated MLP's activation: "silu", or Gemma's "gelu_tanh"),
-    `attention_scale` (None: head_dim ** -0.5; Gemma: query_pre_attn_scalar ** -0.5),
+    `query_pre_attn_scalar` (Gemma: scores scaled by its ** -0.5 instead of head_dim's),
     `attn_softcap` / `final_softcap` (Gemma 2's attention and output logit caps, 0: none) and
     `rope_local_theta` (Gemma 3's sliding layers rotate with their own base and no scaling).
     What is code rather than data (Gemma's extra norms, its embedding scale) lives in the
@@ -68,7 +68,7 @@ class ModelConfig:
     fused_qkv: bool = False
     fused_gate_up: bool = False
     hidden_act: str = "silu"
-    attention_scale: float | None = None
+    query_pre_attn_scalar: float | None = None
     attn_softcap: float = 0.0
     final_softcap: float = 0.0
     layer_types: tuple[str, ...] = ()

@@ -70,7 +70,7 @@ class MLP(nn.Module):
 
 
 def attention_spec(config: ModelConfig, layer: int) -> AttentionSpec:
-    scale = config.attention_scale or config.head_dim**-0.5
+    scale = (config.query_pre_attn_scalar or config.head_dim) ** -0.5
     window, softcap = config.window(layer), config.attn_softcap
     return AttentionSpec(config.num_heads, config.num_kv_heads, scale, window, softcap)
 

@@ -88,3 +88,17 @@ def test_enough_clear_positions_per_family(arch):
         int(_clear(expected(a, p, "llamacpp_decode"), "bfloat16").sum()) for a, p in CASES if a == arch
     )
     assert total >= 8
+
+
+def test_gemma2_sentencepiece_tokenizer_and_chat_template():
+    """gemma2's SentencePiece vocabulary (BOS added, as its GGUF asks) tokenizes the fixture's text
+    as llama.cpp did for the reference ids; its chat template renders Gemma's turns, and
+    <end_of_turn> ends generation."""
+    tokenizer = LLM(str(DATA / "gemma2" / "gemma2-Q8_0.gguf"), kv_cache_memory=KV_MEMORY).tokenizer
+    text = "The quick brown fox jumps over the lazy dog. The capital of France is Paris."
+    assert tokenizer.encode(text)[:16] == ids("gemma2")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    assert tokenizer.decode(prompt, skip_special_tokens=False) == (
+        "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    )
+    assert tokenizer.hf.convert_tokens_to_ids("<end_of_turn>") in tokenizer.eos_token_ids
