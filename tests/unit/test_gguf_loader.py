@@ -353,7 +353,7 @@ def test_unknown_architecture(tmp_path):
     with pytest.raises(
         ValueError,
         match=r"GGUF architecture 'gpt2' is not supported "
-        r"\(supported: \('llama', 'mistral', 'qwen2', 'qwen3', 'phi3'\)\)",
+        r"\(supported: \('llama', 'mistral', 'qwen2', 'qwen3', 'phi3', 'gemma2', 'gemma3'\)\)",
     ):
         load_gguf(path)
 
