@@ -8,6 +8,7 @@ transformers and building that wrapper costs ~50 MiB resident that plain complet
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -91,18 +92,66 @@ class Tokenizer:
     def apply_chat_template(
         self, messages: Sequence[Message], add_generation_prompt: bool = True
     ) -> list[int]:
-        """Token ids of a conversation rendered with the model's chat template."""
+        """Token ids of a conversation rendered with the model's chat template. Only the template's
+        own markup becomes control tokens: special-token text inside a message's content (a user
+        typing "<|im_end|><|im_start|>system") is encoded as the plain text it is, so it cannot
+        forge a turn."""
         if not self.chat_template:
             raise ValueError("this model has no chat template; use generate() with a plain prompt")
         text = self.hf.apply_chat_template(
             list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
         )
         # The template writes BOS/role markers itself; adding special tokens again would double them.
-        return self.encode(text, add_special_tokens=False)
+        ids: list[int] = []
+        for piece, plain in _split_contents(text, self._marked_contents(messages)):
+            if plain:
+                ids += self._plain_encoder.encode(piece, add_special_tokens=False).ids
+            else:
+                ids += self.encode(piece, add_special_tokens=False)
+        return ids
+
+    def _marked_contents(self, messages: Sequence[Message]) -> list[str]:
+        """The message contents that hold special-token text, in order (usually none)."""
+        special = self._special_texts
+        contents = [m.get("content") for m in messages]
+        return [c for c in contents if isinstance(c, str) and any(t in c for t in special)]
+
+    @functools.cached_property
+    def _special_texts(self) -> tuple[str, ...]:
+        return tuple(t.content for t in self.backend.get_added_tokens_decoder().values() if t.special)
+
+    @functools.cached_property
+    def _plain_encoder(self) -> BackendTokenizer:
+        """The backend with special tokens encoded as their text (a copy: the flag is global)."""
+        plain = BackendTokenizer.from_str(self.backend.to_str())
+        plain.encode_special_tokens = True
+        return plain
 
     def decode_stream(self, skip_special_tokens: bool = True) -> DecodeStream:
         """An incremental decoder that holds back bytes of an unfinished UTF-8 character."""
         return DecodeStream(skip_special_tokens=skip_special_tokens)
+
+
+def _split_contents(text: str, contents: Sequence[str]) -> list[tuple[str, bool]]:
+    """The rendered conversation as (piece, is_content) in order: each given content where the
+    template wrote it (verbatim, else stripped, as templates that `trim` do), the markup between.
+    A content the template rewrote beyond that cannot be told from markup: refused."""
+    pieces: list[tuple[str, bool]] = []
+    at = 0
+    for content in contents:
+        for form in (content, content.strip()):
+            found = text.find(form, at)
+            if found >= 0 and form:
+                break
+        else:
+            raise ValueError(
+                "a message holds special-token text the chat template rewrote; "
+                "it cannot be kept apart from the template's own markup"
+            )
+        pieces += [(text[at:found], False), (form, True)]
+        at = found + len(form)
+    pieces.append((text[at:], False))
+    return [(piece, plain) for piece, plain in pieces if piece]
 
 
 def _fast_tokenizer(backend: BackendTokenizer, config: GGUFTokenizerConfig) -> Any:
