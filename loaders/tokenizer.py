@@ -82,7 +82,9 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self._gguf is None:
             return self._hf.encode(text, add_special_tokens=add_special_tokens)
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL (encode does not): a long prompt tokenized in a worker
+        # thread then leaves the server's event loop running (measured 7.6 s stall -> 0.15 s at 8 MB).
+        return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         if self._gguf is None:
@@ -105,7 +107,7 @@ class Tokenizer:
         ids: list[int] = []
         for piece, plain in _split_contents(text, self._marked_contents(messages)):
             if plain:
-                ids += self._plain_encoder.encode(piece, add_special_tokens=False).ids
+                ids += self._plain_encoder.encode_batch([piece], add_special_tokens=False)[0].ids
             else:
                 ids += self.encode(piece, add_special_tokens=False)
         return ids

@@ -114,6 +114,12 @@ def serve(
     graceful_timeout: Annotated[
         int, typer.Option(help="Seconds in-flight requests get to finish on shutdown.")
     ] = 30,
+    max_request_bytes: Annotated[int, typer.Option(help="Largest request body (413 above).")] = 8 << 20,
+    max_n: Annotated[int, typer.Option(help="Most choices (n) per prompt.")] = 16,
+    max_request_sequences: Annotated[
+        int, typer.Option(help="Most sequences (prompts x n) in one request.")
+    ] = 64,
+    max_stop: Annotated[int, typer.Option(help="Most stop strings per request.")] = 4,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API."""
     import signal
@@ -126,9 +132,12 @@ def serve(
     from lowbit.runtime.config import EngineConfig
     from lowbit.server.app import build_app
     from lowbit.server.async_engine import AsyncEngine
+    from lowbit.server.limits import ServerLimits
 
     kv_cache_memory = kv_cache_memory_mib << 20 if kv_cache_memory_mib else None
     try:
+        limits = ServerLimits(max_request_bytes, max_n, max_request_sequences, max_stop)
+        limits = ServerLimits(max_request_bytes, max_n, max_request_sequences, max_stop)
         config = EngineConfig(
             model=model, dtype=dtype, kv_cache_dtype=kv_cache_dtype, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
@@ -144,7 +153,7 @@ def serve(
         raise typer.Exit(2) from None
     names = served_model_name or [Path(model or default_model_path()).name.removesuffix(".gguf")]
     info = async_engine.info
-    app_ = build_app(async_engine, names, api_key)
+    app_ = build_app(async_engine, names, api_key, limits)
     typer.echo(
         f"serving {names[0]} ({info.dtype}, KV cache {info.kv_cache_dtype} x {info.kv_tokens} tokens) "
         f"on http://{host}:{port}/v1"

@@ -32,12 +32,14 @@ class Detokenizer:
         return self._extend(piece) if piece else None
 
     def flush(self) -> str | None:
-        """The sequence ended: bytes still held for an unfinished character are decoded as they
-        are (as a full decode would, with U+FFFD), so no complete character before them is lost."""
+        """The sequence ended: complete characters still held back with an unfinished one are
+        added; the unfinished character's bytes are dropped (a max_tokens cut inside a multi-byte
+        character ends the text before it, not in U+FFFD)."""
         full = self.tokenizer.decode(self.token_ids, self.skip_special_tokens)
-        if not full.startswith(self.text) or len(full) == len(self.text):
+        if not full.startswith(self.text):
             return None
-        return self._extend(full[len(self.text) :])
+        held = full[len(self.text) :].rstrip("\ufffd")
+        return self._extend(held) if held else None
 
     def _extend(self, piece: str) -> str | None:
         searched_from = max(0, len(self.text) - self.longest_stop + 1)

@@ -13,6 +13,8 @@ import lowbit
 
 from .async_engine import AsyncEngine
 from .errors import install_error_handlers
+from .guard import Guard
+from .limits import ServerLimits
 from .metrics import Metrics
 from .routes import router
 from .state import ServerState
@@ -39,7 +41,9 @@ class _CountRequests:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            self.metrics.requests.labels(scope["path"], str(status)).inc()
+            # By route template, not raw path: any number of unknown paths share one series.
+            route = scope.get("route")
+            self.metrics.requests.labels(getattr(route, "path", "unmatched"), str(status)).inc()
 
 
 @asynccontextmanager
@@ -52,15 +56,22 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     await async_engine.stop()
 
 
-def build_app(async_engine: AsyncEngine, names: Sequence[str], api_key: str | None = None) -> FastAPI:
+def build_app(
+    async_engine: AsyncEngine,
+    names: Sequence[str],
+    api_key: str | None = None,
+    limits: ServerLimits | None = None,
+) -> FastAPI:
     """The app serving `async_engine` under the model name(s) `names`; with `api_key`, every route
     but /health and /metrics wants it as a bearer token."""
+    limits = limits or ServerLimits()
     app = FastAPI(title="lowbit", version=lowbit.__version__, lifespan=_lifespan)
-    app.state.lowbit = state = ServerState(async_engine, names, api_key)
+    app.state.lowbit = state = ServerState(async_engine, names, api_key, limits)
     install_error_handlers(app)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=limits.max_request_bytes)
     # A plain ASGI middleware, not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware wraps
     # `receive` so that `request.is_disconnected()` never sees a client leave, and a non-streamed
     # request whose client went away would then be generated to the end for nobody.
-    app.add_middleware(_CountRequests, metrics=state.metrics)
+    app.add_middleware(_CountRequests, metrics=state.metrics)  # outermost: it counts 401s and 413s too
     app.include_router(router)
     return app

@@ -61,13 +61,25 @@ def chat_prompt(body: ChatCompletionRequest, tokenizer: Tokenizer) -> list[int]:
         raise APIError(f"the chat template rejected these messages: {e}", 400, "messages") from None
 
 
-def completion_prompts(body: CompletionRequest, tokenizer: Tokenizer) -> list[list[int]]:
+def prompt_count(body: CompletionRequest) -> int:
+    """How many prompts a completions request holds (a string, a token list, or a list of either)."""
+    prompt = body.prompt
+    if isinstance(prompt, str) or (prompt and all(isinstance(p, int) for p in prompt)):
+        return 1
+    return len(prompt)
+
+
+def check_completion_features(body: CompletionRequest) -> None:
     if body.echo:
         raise unsupported("echo", "echo")
     if body.suffix:
         raise unsupported("suffix", "suffix")
     if body.best_of is not None and body.best_of != (body.n or 1):
         raise unsupported("best_of different from n", "best_of")
+
+
+def completion_prompts(body: CompletionRequest, tokenizer: Tokenizer) -> list[list[int]]:
+    check_completion_features(body)
     prompt = body.prompt
     if isinstance(prompt, str):
         return [tokenizer.encode(prompt)]
@@ -79,6 +91,8 @@ def completion_prompts(body: CompletionRequest, tokenizer: Tokenizer) -> list[li
 
 
 def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    if body.stream_options is not None and not body.stream:
+        raise APIError("stream_options is only allowed when stream is true", 400, "stream_options")
     try:
         return SamplingParams(
             n=body.n or 1,

@@ -105,13 +105,18 @@ def chat_chunk(header: Header, choices: list[dict], usage_value=None, include_us
     return chunk
 
 
-def chat_delta_choices(output: RequestOutput, started: set[int], strings: TokenStrings) -> list[dict]:
+def chat_delta_choices(
+    output: RequestOutput, started: set[int], strings: TokenStrings, ended: set[int]
+) -> list[dict]:
     """The choices of one streamed chunk: a role delta the first time a choice speaks, its new
-    text, its new tokens' logprobs, and its finish_reason when it ends."""
+    text, its new tokens' logprobs, and its finish_reason when it ends (once: `ended` holds the
+    choices whose end was sent)."""
     choices = []
     for c in output.outputs:
-        if not (c.delta_text or c.delta_token_ids or c.finished):
+        if c.index in ended or not (c.delta_text or c.delta_token_ids or c.finished):
             continue
+        if c.finished:
+            ended.add(c.index)
         delta: dict = {}
         if c.index not in started:
             started.add(c.index)
@@ -143,10 +148,12 @@ def completion_logprobs(entries: list[TokenLogprob], strings: TokenStrings, offs
 
 
 def completion_choice(
-    index: int, c: CompletionOutput, text: str, strings: TokenStrings, entries=None
+    index: int, c: CompletionOutput, text: str, strings: TokenStrings, entries=None, offset: int = 0
 ) -> dict:
+    """One choice, or a streamed chunk's piece of one whose text starts at `offset` of the
+    choice's whole text (the logprobs' text_offset counts from the choice's start)."""
     entries = c.logprobs if entries is None else entries
-    logprobs = completion_logprobs(entries, strings) if c.logprobs is not None else None
+    logprobs = completion_logprobs(entries, strings, offset) if c.logprobs is not None else None
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(c)}
 
 

@@ -1,12 +1,15 @@
 """The routes: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics, /tokenize,
 /detokenize. Each handler finds what it serves with on `request.app.state` (`server_state`), so
-the handlers are plain module-level functions and `build_app` only wires them up."""
+the handlers are plain module-level functions and `build_app` only wires them up. The API key and
+the body size are checked before any of them runs (server/guard.py). Tokenization runs in a worker
+thread: a large prompt takes seconds, and on the event loop it would stall every other request."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
 
 from lowbit.runtime.outputs import RequestOutput
 
@@ -18,20 +21,6 @@ from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeReques
 from .state import server_state
 
 router = APIRouter()
-
-
-async def authorized(request: Request) -> None:
-    """With an API key set, every guarded route wants 'Authorization: Bearer <key>'."""
-    api_key = server_state(request).api_key
-    if api_key is None:
-        return
-    header = request.headers.get("authorization", "")
-    if not header.lower().startswith("bearer ") or header[7:].strip() != api_key:
-        what = "You didn't provide an API key" if not header else "Incorrect API key provided"
-        raise APIError(f"{what}. Pass it as 'Authorization: Bearer <key>'.", 401, None, "invalid_api_key")
-
-
-guarded = [Depends(authorized)]
 
 
 @router.get("/health")
@@ -47,22 +36,29 @@ async def metrics(request: Request) -> Response:
     return Response(server_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/models", dependencies=guarded)
+@router.get("/v1/models")
 async def models(request: Request) -> dict:
     state = server_state(request)
-    card = {"object": "model", "created": state.created, "owned_by": "lowbit"}
-    data = [{"id": name, **card, "max_model_len": state.info.max_model_len} for name in state.names]
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": [state.model_card(name) for name in state.names]}
 
 
-@router.post("/v1/chat/completions", dependencies=guarded)
+@router.get("/v1/models/{model:path}")
+async def model(model: str, request: Request) -> dict:
+    state = server_state(request)
+    state.check_model(model)
+    return state.model_card(model)
+
+
+@router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = server_state(request)
     state.check_model(body.model)
-    prompt = rq.chat_prompt(body, state.tokenizer)
+    rq.check_chat_features(body)
     params = rq.chat_sampling_params(body)
+    state.limits.check(1, params.n, body.stop)
+    prompt = await run_in_threadpool(rq.chat_prompt, body, state.tokenizer)
     header = state.header("chatcmpl", body.model)
-    stream = state.start(prompt, params, header.id)
+    stream = state.start(prompt, params, header.id, "messages")
     if not body.stream:
         outputs = await streams.until_done(request, stream)
         return rs.chat_completion(header, outputs[-1], state.strings)
@@ -70,14 +66,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     return streams.sse(streams.chat_events(header, stream, state.strings, include_usage))
 
 
-@router.post("/v1/completions", dependencies=guarded)
+@router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     state = server_state(request)
     state.check_model(body.model)
-    prompts = rq.completion_prompts(body, state.tokenizer)
+    rq.check_completion_features(body)
     params = rq.completion_sampling_params(body)
+    state.limits.check(rq.prompt_count(body), params.n, body.stop)
+    prompts = await run_in_threadpool(rq.completion_prompts, body, state.tokenizer)
     header = state.header("cmpl", body.model)
-    started = [state.start(p, params, f"{header.id}-{i}") for i, p in enumerate(prompts)]
+    started = [state.start(p, params, f"{header.id}-{i}", "prompt") for i, p in enumerate(prompts)]
     n = params.n
     if not body.stream:
         finals: dict[int, RequestOutput] = {}
@@ -95,7 +93,7 @@ async def completions(body: CompletionRequest, request: Request):
     return streams.sse(events)
 
 
-@router.post("/tokenize", dependencies=guarded)
+@router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     state = server_state(request)
     if body.model is not None:
@@ -103,18 +101,18 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     if (body.prompt is None) == (body.messages is None):
         raise APIError("give exactly one of prompt and messages", 400, "prompt")
     if body.prompt is not None:
-        tokens = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        tokens = await run_in_threadpool(state.tokenizer.encode, body.prompt, body.add_special_tokens)
     else:
         chat = ChatCompletionRequest(
             model=body.model or state.names[0],
             messages=body.messages,
             add_generation_prompt=body.add_generation_prompt,
         )
-        tokens = rq.chat_prompt(chat, state.tokenizer)
+        tokens = await run_in_threadpool(rq.chat_prompt, chat, state.tokenizer)
     return {"tokens": tokens, "count": len(tokens), "max_model_len": state.info.max_model_len}
 
 
-@router.post("/detokenize", dependencies=guarded)
+@router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
     state = server_state(request)
     if body.model is not None:
@@ -122,4 +120,5 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
     vocab = state.info.vocab_size
     if any(not 0 <= t < vocab for t in body.tokens):
         raise APIError(f"tokens must be ids in [0, {vocab})", 400, "tokens")
-    return {"prompt": state.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+    text = await run_in_threadpool(state.tokenizer.decode, body.tokens, False)
+    return {"prompt": text}

@@ -15,17 +15,21 @@ from lowbit.runtime.outputs import RequestOutput
 from . import responses as rs
 from .async_engine import AsyncEngine, EngineDeadError
 from .errors import APIError, from_value_error
+from .limits import ServerLimits
 from .metrics import Metrics
 
 
 class ServerState:
-    def __init__(self, async_engine: AsyncEngine, names: Sequence[str], api_key: str | None):
+    def __init__(
+        self, async_engine: AsyncEngine, names: Sequence[str], api_key: str | None, limits: ServerLimits
+    ):
         self.async_engine = async_engine
         self.info = async_engine.info
         self.tokenizer = async_engine.engine.tokenizer
         self.strings = rs.TokenStrings(self.tokenizer)
         self.names = list(names)
         self.api_key = api_key
+        self.limits = limits
         self.metrics = Metrics(async_engine.engine.stats)
         self.created = int(time.time())
         info = self.info
@@ -41,12 +45,19 @@ class ServerState:
                 f"The model `{model}` does not exist. Served: {self.names}", 404, "model", "model_not_found"
             )
 
-    def start(self, prompt: list[int], params, request_id: str) -> AsyncIterator[RequestOutput]:
-        """Validate and queue one generation; every problem is a 400 before anything streams."""
+    def model_card(self, name: str) -> dict:
+        card = {"id": name, "object": "model", "created": self.created, "owned_by": "lowbit"}
+        return {**card, "max_model_len": self.info.max_model_len}
+
+    def start(
+        self, prompt: list[int], params, request_id: str, prompt_param: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Validate and queue one generation; every problem is a 400 before anything streams
+        (one about the prompt names `prompt_param`: "messages" or "prompt")."""
         try:
             stream = self.async_engine.generate(prompt, params, request_id)
         except ValueError as e:
-            raise from_value_error(e, "messages") from None
+            raise from_value_error(e, prompt_param) from None
         except EngineDeadError as e:
             raise APIError(str(e), 503, type="server_error") from None
         self.metrics.prompt_tokens.inc(len(prompt))

@@ -86,10 +86,11 @@ async def chat_events(
     header: rs.Header, stream: AsyncIterator[RequestOutput], strings: rs.TokenStrings, include_usage: bool
 ) -> AsyncIterator[dict]:
     started: set[int] = set()
+    ended: set[int] = set()
     final = None
     async for output in stream:
         final = output
-        choices = rs.chat_delta_choices(output, started, strings)
+        choices = rs.chat_delta_choices(output, started, strings, ended)
         if choices:
             yield rs.chat_chunk(header, choices, None, include_usage)
     if include_usage and final is not None:
@@ -100,12 +101,20 @@ async def completion_events(
     header: rs.Header, merged: AsyncIterator, n: int, strings: rs.TokenStrings, include_usage: bool
 ) -> AsyncIterator[dict]:
     finals: dict[int, RequestOutput] = {}
+    ended: set[int] = set()  # choices whose finish_reason was sent: never sent again
+    offsets: dict[int, int] = {}  # each choice's text streamed so far, for text_offset
     async for i, output in merged:
         choices = []
         for c in output.outputs:
-            if c.delta_text or c.finished:
-                entries = c.logprobs[-len(c.delta_token_ids) :] if c.logprobs and c.delta_token_ids else []
-                choices.append(rs.completion_choice(i * n + c.index, c, c.delta_text, strings, entries))
+            index = i * n + c.index
+            if index in ended or not (c.delta_text or c.finished):
+                continue
+            if c.finished:
+                ended.add(index)
+            entries = c.logprobs[-len(c.delta_token_ids) :] if c.logprobs and c.delta_token_ids else []
+            offset = offsets.get(index, 0)
+            offsets[index] = offset + len(c.delta_text)
+            choices.append(rs.completion_choice(index, c, c.delta_text, strings, entries, offset))
         if output.finished:
             finals[i] = output
         if choices:
