@@ -46,6 +46,8 @@ def from_value_error(error: ValueError, default_param: str | None = None) -> API
     message = str(error)
     match = _FIELD.match(message)
     param = match.group(1) if match else default_param
+    if param == "prompt" and default_param:  # the engine's prompt is a chat request's messages
+        param = default_param
     code = "context_length_exceeded" if "context length" in message else None
     return APIError(message, 400, param, code)
 

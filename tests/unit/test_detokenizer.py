@@ -327,3 +327,20 @@ def test_stop_string_matching_a_special_token_kept_in_the_text(tok: Tokenizer) -
     assert found == "<|im_end|>"
     assert ids[at] == tok.backend.token_to_id("<|im_end|>")
     assert d.text == "".join(deltas) == "answer: 42"
+
+
+@pytest.mark.parametrize("text", [t for t in TEXTS if not t.isascii()])
+def test_a_cut_inside_a_character_ends_before_it(tok, text):
+    """max_tokens may stop a sequence inside a multi-byte character: the final text keeps every
+    complete character (the tokenizer's decode of the whole ids, less the trailing U+FFFD) and
+    no replacement character."""
+    ids = encode(tok, text)
+    cuts = [k for k in range(1, len(ids)) if tok.decode(ids[:k]).endswith(REPLACEMENT)]
+    assert cuts, "guard: the text has characters split over tokens"
+    for k in cuts:
+        detok = Detokenizer(tok, SamplingParams())
+        for token_id in ids[:k]:
+            detok.add(token_id)
+        detok.flush()
+        assert detok.text == tok.decode(ids[:k]).rstrip(REPLACEMENT)
+        assert detok.delta(finished=True) == detok.text
