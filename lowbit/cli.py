@@ -133,6 +133,7 @@ def serve(
     from lowbit.server.app import build_app
     from lowbit.server.async_engine import AsyncEngine
     from lowbit.server.limits import ServerLimits
+    from lowbit.server.shutdown import DrainingServer
 
     kv_cache_memory = kv_cache_memory_mib << 20 if kv_cache_memory_mib else None
     try:
@@ -161,7 +162,10 @@ def serve(
     # uvicorn drains in-flight requests on SIGTERM and then re-raises the signal; with the default
     # handler that kills the process (status 143) after a clean shutdown. Exit with 0 instead.
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=graceful_timeout)
+    served = uvicorn.Config(
+        app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=graceful_timeout
+    )
+    DrainingServer(served).run()
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:

@@ -68,11 +68,15 @@ class AsyncEngine:
         if self._loop_task is None:
             self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="lowbit-engine")
 
+    def abort_all(self) -> None:
+        """Abort everything in flight: each stream ends with an "abort" output."""
+        for request_id in list(self._streams):
+            self.abort(request_id)
+
     async def stop(self) -> None:
         """Abort everything in flight (each stream ends with an "abort" output) and stop the loop,
         after the step that is running, if any, has finished."""
-        for request_id in list(self._streams):
-            self.abort(request_id)
+        self.abort_all()
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)

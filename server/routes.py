@@ -18,9 +18,13 @@ from . import responses as rs
 from . import streams
 from .errors import APIError, error_body
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from .state import server_state
+from .state import server_state, shutting_down
 
 router = APIRouter()
+
+
+def _aborted(output: RequestOutput) -> bool:
+    return any(c.finish_reason == "abort" for c in output.outputs)
 
 
 @router.get("/health")
@@ -61,6 +65,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     stream = state.start(prompt, params, header.id, "messages")
     if not body.stream:
         outputs = await streams.until_done(request, stream)
+        if state.draining and _aborted(outputs[-1]):
+            raise shutting_down()
         return rs.chat_completion(header, outputs[-1], state.strings)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return streams.sse(streams.chat_events(header, stream, state.strings, include_usage))
@@ -81,6 +87,8 @@ async def completions(body: CompletionRequest, request: Request):
         finals: dict[int, RequestOutput] = {}
         for i, output in await streams.until_done(request, streams.merge(started)):
             finals[i] = output
+        if state.draining and any(_aborted(f) for f in finals.values()):
+            raise shutting_down()
         choices = [
             rs.completion_choice(i * n + c.index, c, c.text, state.strings)
             for i in sorted(finals)

@@ -30,6 +30,7 @@ class ServerState:
         self.names = list(names)
         self.api_key = api_key
         self.limits = limits
+        self.draining = False  # shutting down: new requests are refused (server/shutdown.py)
         self.metrics = Metrics(async_engine.engine.stats)
         self.created = int(time.time())
         info = self.info
@@ -54,6 +55,8 @@ class ServerState:
     ) -> AsyncIterator[RequestOutput]:
         """Validate and queue one generation; every problem is a 400 before anything streams
         (one about the prompt names `prompt_param`: "messages" or "prompt")."""
+        if self.draining:
+            raise shutting_down()
         try:
             stream = self.async_engine.generate(prompt, params, request_id)
         except ValueError as e:
@@ -84,6 +87,10 @@ class ServerState:
                 yield output
         finally:
             self.metrics.in_flight.dec()
+
+
+def shutting_down() -> APIError:
+    return APIError("The server is shutting down; retry on another instance.", 503, type="server_error")
 
 
 def server_state(request: Request) -> ServerState:

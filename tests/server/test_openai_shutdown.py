@@ -17,7 +17,7 @@ import time
 import httpx
 import pytest
 
-from .openai_server import LiveServer, ServerConfig, log_dir, sse
+from .openai_server import LiveServer, ServerConfig, assert_error, log_dir, sse
 
 GRACEFUL_TIMEOUT = 20
 NAME = "tiny-chat"
@@ -129,3 +129,68 @@ class _Rest:
     def iter_lines(self):
         yield from self.first
         yield from self.rest
+
+
+SHORT_GRACE = 4
+CUT = ServerConfig(
+    "shutdown-cut",
+    ("--kv-cache-memory-mib", "64", "--max-model-len", "1024", "--graceful-timeout", str(SHORT_GRACE)),
+)
+
+
+def test_requests_past_the_grace_period_end_cleanly():
+    """Six streams and a non-streamed request that cannot finish within --graceful-timeout: at the
+    deadline every stream ends on a finish_reason and data: [DONE], the non-streamed request gets
+    an OpenAI error body, new requests on an open connection are refused with one, and the server
+    exits 0 without a traceback in its log."""
+    server = LiveServer.start(CUT, log_dir()).wait_ready()
+    try:
+        name = server_model(server)
+        streams: list[dict] = [{} for _ in range(6)]
+        started = threading.Barrier(len(streams) + 2)
+
+        def stream(result: dict) -> None:
+            body = {"model": name, "prompt": "Once upon a time", "max_tokens": 900,
+                    "ignore_eos": True, "stream": True}  # fmt: skip
+            with server.http() as http, http.stream("POST", "/v1/completions", json=body) as response:
+                lines = response.iter_lines()
+                first = next(line for line in lines if line)
+                started.wait(60)
+                result["events"], result["done"] = sse(_Rest([first], lines))
+
+        def plain(result: dict) -> None:
+            body = {"model": name, "prompt": "Hello", "max_tokens": 900, "ignore_eos": True}
+            with server.http() as http:
+                started.wait(60)
+                result["response"] = http.post("/v1/completions", json=body)
+
+        alone: dict = {}
+        threads = [threading.Thread(target=stream, args=(r,)) for r in streams]
+        threads.append(threading.Thread(target=plain, args=(alone,)))
+        for thread in threads:
+            thread.start()
+        started.wait(60)
+        time.sleep(0.5)
+        server.process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        for thread in threads:
+            thread.join(SHORT_GRACE + 30)
+        for result in streams:
+            assert result.get("done"), f"a stream did not end with [DONE]:\n{server.log()}"
+            reasons = [
+                c["finish_reason"] for e in result["events"] for c in e["choices"] if c["finish_reason"]
+            ]
+            assert reasons == ["abort"], reasons
+        assert_error(alone["response"], 503)
+        assert server.process.wait(SHORT_GRACE + 15) == 0, server.log()
+        assert time.monotonic() - signalled < SHORT_GRACE + 5
+        assert "Traceback" not in server.log(tail=100_000), server.log()
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+
+
+def server_model(server: LiveServer) -> str:
+    with server.http() as http:
+        return http.get("/v1/models").json()["data"][0]["id"]
