@@ -13,6 +13,7 @@ with httpx or the official client, bounded in count and time, on 127.0.0.1:
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -150,3 +151,50 @@ def test_models_retrieve_and_small_refusals(server, http):
     assert_error(http.post(COMPLETIONS, json=body), 400, "stream_options")
     too_long = {"model": MODEL, "prompt": "word " * 5000, "max_tokens": 1}
     assert_error(http.post(COMPLETIONS, json=too_long), 400, "prompt", "context_length_exceeded")
+
+
+def test_a_big_request_does_not_starve_others(server):
+    """A request of 4 prompts x n=16 (64 sequences, four times the server's 16 running slots)
+    while another stream runs: that stream keeps getting tokens (largest gap bounded) and a request
+    arriving meanwhile gets its first token within a few steps, not after the big one's run."""
+    times: list[float] = []
+    first_token: dict = {}
+
+    def running_stream() -> None:
+        body = {
+            "model": MODEL,
+            "prompt": "Once upon a time",
+            "max_tokens": 120,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        with server.http() as http, http.stream("POST", COMPLETIONS, json=body) as response:
+            times.extend(time.monotonic() for line in response.iter_lines() if line.startswith("data:"))
+
+    def newcomer() -> None:
+        body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2, "stream": True}
+        started = time.monotonic()
+        with server.http() as http, http.stream("POST", COMPLETIONS, json=body) as response:
+            for line in response.iter_lines():
+                if line.startswith("data:"):
+                    first_token["seconds"] = time.monotonic() - started
+                    break
+
+    stream = threading.Thread(target=running_stream)
+    stream.start()
+    time.sleep(1.0)
+    big = {"model": MODEL, "prompt": ["Tell me about dragons."] * 4, "n": 16, "max_tokens": 16,
+           "ignore_eos": True, "temperature": 1.0}  # fmt: skip
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(r=server.http().post(COMPLETIONS, json=big)))
+    started = time.monotonic()
+    worker.start()
+    time.sleep(2.0)  # the big request holds every running slot by now
+    newcomer()
+    worker.join(300)
+    finished = time.monotonic()
+    stream.join(300)
+    assert result["r"].status_code == 200 and len(result["r"].json()["choices"]) == 64
+    gaps = [b - a for a, b in itertools.pairwise(times) if started <= b <= finished]
+    assert gaps and max(gaps) < 3.0, max(gaps)
+    assert first_token["seconds"] < 3.0, first_token

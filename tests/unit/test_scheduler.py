@@ -11,6 +11,7 @@ touches the scheduler. Every step is also checked against the scheduling contrac
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -170,17 +171,33 @@ class Sim:
             # What the cache already holds for it (computed, cached or shared) is its tokens.
             assert self.cache_contents(seq, item.start) == seq.token_ids[: item.start]
 
-        # Preemption: the newest running sequences, freed, back at the front of the queue, and
-        # nothing admitted in the same step.
+        # Fair share: with the running set full, a waiting request that has nothing running takes
+        # the newest sequence of the request holding the most, if that holds more than its share.
+        yielded = list(out.yielded)
+        holding = list(running_before)
+        for seq in yielded:
+            counts = Counter(s.request_id for s in holding)
+            assert len(holding) == self.config.max_num_seqs
+            assert counts[seq.request_id] == max(counts.values())
+            assert counts[seq.request_id] > max(1, self.config.max_num_seqs // (len(counts) + 1))
+            assert seq is [s for s in holding if s.request_id == seq.request_id][-1]
+            assert any(w.request_id not in counts for w in waiting_before)
+            holding.remove(seq)
+        # Preemption for blocks: the newest running sequences, freed, back at the front of the
+        # queue, and nothing admitted in the same step.
         victims = list(out.preempted)
-        assert victims == running_before[::-1][: len(victims)]
+        assert victims == holding[::-1][: len(victims)]
         assert list(self.sched.waiting)[: len(victims)] == victims[::-1]
+        for seq in victims + yielded:
+            assert seq.status is SequenceStatus.WAITING or seq in [i.seq for i in items]
+            if seq.status is SequenceStatus.WAITING:
+                assert seq.block_table == [] and seq.num_computed_tokens == 0
+                assert seq not in self.sched.running
         for seq in victims:
-            assert seq.status is SequenceStatus.WAITING
-            assert seq.block_table == [] and seq.num_computed_tokens == 0
-            assert seq not in self.sched.running
             assert seq not in [i.seq for i in items]
-        assert self.sched.num_preemptions == sum(len(o.preempted) for o in self.outputs)
+        preemptions = sum(len(o.preempted) + len(o.yielded) for o in self.outputs)
+        assert self.sched.num_preemptions == preemptions
+        running_before = holding
 
         # Service order: decodes (oldest first), then running prompts (oldest first), then the
         # queue. A sequence is only skipped when the budget ran out (or it was preempted).
@@ -200,7 +217,8 @@ class Sim:
                 assert item.num_tokens == remaining[seq] or (
                     item.num_tokens < remaining[seq] and (out.num_tokens == budget or victims)
                 )
-        admitted = [scheduled[s] for s in waiting_before if s in scheduled]
+        queue = yielded[::-1] + waiting_before  # the queue at admission: the yielded went first
+        admitted = [scheduled[s] for s in queue if s in scheduled]
         assert len(admitted) + sum(served) == len(items)
         if admitted:
             assert not victims and all(served)
@@ -223,9 +241,18 @@ class Sim:
                 return False
             return leader_then(seq)[1] < len(seq.leader.prompt_token_ids)
 
-        # First come, first served among those free to start (followers wait for their leader).
-        eligible = [s for s in waiting_before if not waits_for_leader(s)]
-        assert [i.seq for i in admitted] == eligible[: len(admitted)]
+        # The request with the fewest running sequences first, first come first served among
+        # equals, of those free to start (followers wait for their leader).
+        counts = Counter(s.request_id for s in running_before if s not in victims)
+        eligible = [s for s in queue if not waits_for_leader(s)]
+        picks: list[Sequence] = []
+        for _ in admitted:
+            fewest = min(counts[s.request_id] for s in eligible)
+            picks.append(next(s for s in eligible if counts[s.request_id] == fewest))
+            eligible.remove(picks[-1])
+            counts[picks[-1].request_id] += 1
+        assert {i.seq for i in admitted} == set(picks)
+        admitted = [scheduled[s] for s in picks]  # in the order they were admitted
         for n, item in enumerate(admitted):
             seq = item.seq
             # Starts after what it found cached: whole blocks, never its last token.
@@ -792,3 +819,23 @@ def test_random_workloads_finish_with_every_invariant(
         steps += 1
         assert steps < 3000, "livelock"
     sim.check_done()
+
+
+def test_a_newcomer_gets_its_share_of_a_full_running_set() -> None:
+    """One request's six completions fill the running set; a request arriving later is admitted
+    at the next step (its share), the big request's newest completion waiting instead, and every
+    completion still gets its reference tokens."""
+    sim = Sim(num_blocks=256, block_size=4, max_num_seqs=4, max_num_batched_tokens=100)
+    big = sim.add(6, max_tokens=12, n=6)
+    while len(sim.sched.running) < 4:
+        sim.step()
+    sim.step()
+    assert {s.request_id for s in sim.sched.running} == {big.request_id}
+    newcomer = sim.add(5, max_tokens=3)
+    out = sim.step()
+    assert [s.request_id for s in out.yielded] == [big.request_id]
+    assert newcomer in [i.seq for i in out.scheduled]
+    assert not sim.step().yielded  # the newcomer has its share now: no more yielding
+    sim.run()
+    sim.check_done()
+
