@@ -162,7 +162,10 @@ class Engine:
         c, m = self.config, self.model_config
         dtype = c.kv_cache_dtype if c.kv_cache_dtype != "auto" else str(self.dtype).removeprefix("torch.")
         spec = KVCacheSpec(dtype, c.block_size, 1, m.num_layers, m.num_kv_heads, m.head_dim)
-        blocks = c.num_kv_blocks or num_blocks_for(spec, c.kv_cache_memory, self.device)
+        # By default no more than every sequence at full context needs (llama.cpp's n_ctx x
+        # n_parallel): a 93 MB model got a 4 GB pool from the free-memory share alone.
+        most = c.max_num_seqs * -(-self.max_model_len // c.block_size)
+        blocks = c.num_kv_blocks or num_blocks_for(spec, c.kv_cache_memory, self.device, most)
         return spec.with_num_blocks(blocks)
 
     # ------------------------------------------------------------------ requests

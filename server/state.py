@@ -48,7 +48,8 @@ class ServerState:
 
     def model_card(self, name: str) -> dict:
         card = {"id": name, "object": "model", "created": self.created, "owned_by": "lowbit"}
-        return {**card, "max_model_len": self.info.max_model_len}
+        # The context one request can really get: a KV pool smaller than the context caps it.
+        return {**card, "max_model_len": min(self.info.max_model_len, self.info.kv_tokens)}
 
     def start(
         self, prompt: list[int], params, request_id: str, prompt_param: str

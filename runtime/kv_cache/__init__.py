@@ -39,13 +39,17 @@ def available_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def num_blocks_for(spec: KVCacheSpec, memory: int | None, device: torch.device) -> int:
-    """Blocks that fit `memory` bytes, or the default share of free memory when None."""
+def num_blocks_for(
+    spec: KVCacheSpec, memory: int | None, device: torch.device, most: int | None = None
+) -> int:
+    """Blocks that fit `memory` bytes; when None, the default: a share of free memory, capped, and
+    at most `most` blocks (what the engine's sequences can use at full context)."""
     if memory is None:
         memory = min(int(available_memory(device) * FREE_MEMORY_SHARE), MAX_DEFAULT_BYTES)
-        logger.info(
-            "KV cache: %.0f MiB (%.0f%% of free memory, capped)", memory / 2**20, FREE_MEMORY_SHARE * 100
-        )
+        if most is not None:
+            memory = min(memory, most * spec.bytes_per_block())
+        share = FREE_MEMORY_SHARE * 100
+        logger.info("KV cache: %.0f MiB (at most %.0f%% of free memory, capped)", memory / 2**20, share)
     blocks = memory // spec.bytes_per_block()
     if blocks < 1:
         raise ValueError(

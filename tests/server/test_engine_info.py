@@ -37,3 +37,14 @@ def test_info_is_read_only_and_built_once(engine: Engine):
 
 def test_the_async_engine_serves_the_same_info(engine: Engine):
     assert AsyncEngine(engine).info is engine.info
+
+
+def test_the_default_pool_holds_every_sequence_at_full_context_and_no_more():
+    """Without kv_cache_memory the pool is max_num_seqs x max_model_len tokens (within the
+    free-memory share), as llama.cpp's n_ctx x n_parallel: not a fixed share of the host."""
+    from lowbit.runtime.config import EngineConfig
+
+    engine = Engine(EngineConfig(max_num_seqs=3, max_model_len=200))
+    block = engine.kv_spec.block_size
+    assert engine.kv_spec.num_blocks == 3 * -(-200 // block)
+    assert engine.info.kv_tokens >= 3 * 200
