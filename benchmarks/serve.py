@@ -3,6 +3,7 @@ at several concurrency levels, through the real HTTP server with SSE streaming.
 
     python benchmarks/serve.py                          # starts a server on the default model
     python benchmarks/serve.py --url http://127.0.0.1:8000 --model NAME   # an already running one
+    python benchmarks/serve.py --soak 10 --clients 16   # mixed load for 10 minutes (serve_soak.py)
 
 Each client streams chat completions back to back (greedy, `--tokens` tokens each, distinct
 prompts); a level runs `--requests-per-client` requests per client. TTFT is request start to the
@@ -19,6 +20,7 @@ import sys
 import time
 
 import httpx
+from serve_soak import rss_mib, soak
 
 TOPICS = ["the sea", "a city", "mountains", "a river", "the moon", "a forest", "trains", "bread"]
 
@@ -89,6 +91,28 @@ def _start_server(port: int, extra: list[str]) -> subprocess.Popen:
     raise RuntimeError("server did not come up")
 
 
+def _report_soak(url: str, model: str, clients: int, minutes: float, server) -> None:
+    before = rss_mib(server.pid) if server else float("nan")
+    tally, seconds = asyncio.run(soak(url, model, clients, minutes))
+    after = rss_mib(server.pid) if server else float("nan")
+    ttft = [1000 * _percentile(tally.ttft, q) for q in (0.5, 0.9, 0.99)]
+    itl = [1000 * _percentile(tally.itl, q) for q in (0.5, 0.9, 0.99)]
+    rate, token_rate = tally.requests / seconds, tally.tokens / seconds
+    print(
+        f"{minutes:g} min, {clients} clients: {tally.requests} requests ({rate:.2f}/s), "
+        f"{tally.tokens} tokens ({token_rate:.1f}/s), {tally.dropped} dropped on purpose"
+    )
+    print(
+        "TTFT ms p50/p90/p99: "
+        + " / ".join(f"{v:.0f}" for v in ttft)
+        + "   ITL ms p50/p90/p99: "
+        + " / ".join(f"{v:.0f}" for v in itl)
+    )
+    print(f"errors: {len(tally.errors)}   server RSS MiB: {before:.0f} at start, {after:.0f} at the end")
+    for error in tally.errors[:10]:
+        print("  " + error)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -100,11 +124,16 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--server-args", default="--max-num-seqs 32 --kv-cache-memory-mib 1024")
+    parser.add_argument("--soak", type=float, default=None, help="minutes of mixed load instead of levels")
+    parser.add_argument("--clients", type=int, default=16, help="concurrent clients of --soak")
     args = parser.parse_args()
 
     server = None if args.url else _start_server(args.port, args.server_args.split())
     url = args.url or f"http://127.0.0.1:{args.port}"
     try:
+        if args.soak is not None:
+            _report_soak(url, args.model, args.clients, args.soak, server)
+            return
         asyncio.run(_level(url, args.model, 1, 1, 8))  # warm-up
         columns = ("clients", "req/s", "tok/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99")
         print(" ".join(f"{c:>{w}}" for c, w in zip(columns, (7, 7, 7, 9, 9, 8, 8), strict=True)))

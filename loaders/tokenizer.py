@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ END_OF_TURN_TOKENS = (
 )
 
 Message = Mapping[str, Any]
+_BUILD_LOCK = threading.Lock()
 
 
 class Tokenizer:
@@ -65,10 +67,14 @@ class Tokenizer:
 
     @property
     def hf(self) -> Any:
-        """The transformers tokenizer (for chat templates and `save_pretrained`)."""
+        """The transformers tokenizer (for chat templates and `save_pretrained`). Built once, under
+        a lock: the server tokenizes in worker threads, and two threads importing transformers at
+        once made one of them fail ("cannot import name 'PreTrainedTokenizerFast'")."""
         if self._hf is None:
-            assert self._gguf is not None
-            self._hf = _fast_tokenizer(self.backend, self._gguf)
+            with _BUILD_LOCK:
+                if self._hf is None:
+                    assert self._gguf is not None
+                    self._hf = _fast_tokenizer(self.backend, self._gguf)
         return self._hf
 
     @property

@@ -136,3 +136,32 @@ def test_whole_corpus_encodes_like_transformers(tokenizers, corpus):
     assert len(expected) > 50_000
     assert ours.encode(text) == expected
     assert ours.decode(expected) == hf.decode(expected)
+
+
+def test_first_chats_from_many_threads_at_once(default_gguf):
+    """The server tokenizes in worker threads: the first chats of a fresh process, at once, each
+    get their prompt (the lazy transformers import is built once, not raced; a race failed some
+    with "cannot import name 'PreTrainedTokenizerFast'"). In a new process, where transformers is
+    not imported yet."""
+    import subprocess
+    import sys
+
+    script = f"""
+import threading
+from lowbit.loaders.gguf_file import read_gguf
+from lowbit.loaders.tokenizer import tokenizer_from_gguf
+tok = tokenizer_from_gguf(read_gguf({str(default_gguf)!r}).metadata)
+barrier, results, errors = threading.Barrier(16), [], []
+def chat():
+    barrier.wait()
+    try:
+        results.append(tok.apply_chat_template([{{"role": "user", "content": "Hi " * 300}}]))
+    except Exception as e:
+        errors.append(repr(e))
+threads = [threading.Thread(target=chat) for _ in range(16)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+assert not errors and len(results) == 16 and all(r == results[0] for r in results), errors
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
