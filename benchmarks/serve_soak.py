@@ -22,8 +22,9 @@ WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "w
 
 @dataclass
 class Tally:
-    ttft: list[float] = field(default_factory=list)
+    ttft: list[float] = field(default_factory=list)  # streamed: to the first chunk
     itl: list[float] = field(default_factory=list)
+    latency: list[float] = field(default_factory=list)  # not streamed: to the whole answer
     requests: int = 0
     tokens: int = 0
     dropped: int = 0
@@ -76,7 +77,7 @@ async def _plain(client: httpx.AsyncClient, path: str, body: dict, tally: Tally)
     if response.status_code != 200:
         tally.errors.append(f"{path} {response.status_code} {response.text[:200]}")
         return
-    tally.ttft.append(time.perf_counter() - start)  # non-streamed: time to the whole answer
+    tally.latency.append(time.perf_counter() - start)
     tally.requests += 1
     tally.tokens += response.json()["usage"]["completion_tokens"]
 
