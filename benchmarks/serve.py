@@ -102,12 +102,13 @@ def _report_soak(url: str, model: str, clients: int, minutes: float, server) -> 
         f"{minutes:g} min, {clients} clients: {tally.requests} requests ({rate:.2f}/s), "
         f"{tally.tokens} tokens ({token_rate:.1f}/s), {tally.dropped} dropped on purpose"
     )
-    print(
-        "TTFT ms p50/p90/p99: "
-        + " / ".join(f"{v:.0f}" for v in ttft)
-        + "   ITL ms p50/p90/p99: "
-        + " / ".join(f"{v:.0f}" for v in itl)
-    )
+    latency = [1000 * _percentile(tally.latency, q) for q in (0.5, 0.9, 0.99)]
+
+    def row(values: list[float]) -> str:
+        return " / ".join(f"{v:.0f}" for v in values)
+
+    print(f"streamed: TTFT ms p50/p90/p99 {row(ttft)}, ITL ms {row(itl)}")
+    print(f"not streamed: whole answer ms p50/p90/p99 {row(latency)}")
     print(f"errors: {len(tally.errors)}   server RSS MiB: {before:.0f} at start, {after:.0f} at the end")
     for error in tally.errors[:10]:
         print("  " + error)  # fmt: skip
