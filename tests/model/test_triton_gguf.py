@@ -78,22 +78,15 @@ def test_decode_steps_follow_the_cpu_engine(monkeypatch):
 
 def test_gemma2_on_the_triton_path(monkeypatch):
     """Gemma 2's sliding window (8, shorter than the 16 scored tokens, on layer 0; layer 1 full)
-    and attention soft-cap through the Triton attention kernels: prompt logits equal transformers'
-    on the dequantized file, and decode steps past the window give the CPU engine's tokens. (The
-    kernels' window and cap cases: tests/kernels/test_triton_*_attention.py.)"""
-    arch = "gemma2"
-    data = FIXTURES.parent / arch
-    path = str(data / f"{arch}-Q8_0.gguf")
+    and attention soft-cap through the Triton prefill attention kernel: prompt logits equal
+    transformers' on the dequantized file. (Decode steps past a window and every window / cap case
+    of both kernels: tests/kernels/test_triton_*_attention.py; 20 s in the interpreter bought no
+    more than those.)"""
+    data = FIXTURES.parent / "gemma2"
     tokens = json.loads((data / "reference.json").read_text())["ids"]
     monkeypatch.setenv("LOWBIT_TRITON_ON_CPU", "1")
-    llm = LLM(path, device="cpu", dtype="float32", kv_cache_memory=8 << 20)
+    llm = LLM(str(data / "gemma2-Q8_0.gguf"), device="cpu", dtype="float32", kv_cache_memory=8 << 20)
     monkeypatch.delenv("LOWBIT_TRITON_ON_CPU")
     assert llm.engine.model.layers[0].self_attn.backend.name == "triton"
-    expected = torch.from_numpy(np.load(data / f"{arch}-Q8_0.hf_dequant.logits.npy"))
+    expected = torch.from_numpy(np.load(data / "gemma2-Q8_0.hf_dequant.logits.npy"))
     assert (llm.engine.score(tokens) - expected).abs().max().item() <= EXACT_MAX
-    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=1)
-    ours = llm.generate([tokens[:9]], params)[0].outputs[0]
-    cpu = LLM(path, device="cpu", dtype="float32", kv_cache_memory=8 << 20).generate([tokens[:9]], params)
-    assert list(ours.token_ids) == list(cpu[0].outputs[0].token_ids)
-    for a, b in zip(ours.logprobs, cpu[0].outputs[0].logprobs, strict=True):
-        assert abs(a.logprob - b.logprob) <= 1e-4

@@ -183,7 +183,7 @@ def test_a_big_request_does_not_starve_others(server):
     stream = threading.Thread(target=running_stream)
     stream.start()
     time.sleep(1.0)
-    big = {"model": MODEL, "prompt": ["Tell me about dragons."] * 4, "n": 16, "max_tokens": 16,
+    big = {"model": MODEL, "prompt": ["Tell me about dragons."] * 4, "n": 16, "max_tokens": 10,
            "ignore_eos": True, "temperature": 1.0}  # fmt: skip
     result: dict = {}
     worker = threading.Thread(target=lambda: result.update(r=server.http().post(COMPLETIONS, json=big)))

@@ -838,4 +838,3 @@ def test_a_newcomer_gets_its_share_of_a_full_running_set() -> None:
     assert not sim.step().yielded  # the newcomer has its share now: no more yielding
     sim.run()
     sim.check_done()
-
