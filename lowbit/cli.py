@@ -138,7 +138,6 @@ def serve(
     kv_cache_memory = kv_cache_memory_mib << 20 if kv_cache_memory_mib else None
     try:
         limits = ServerLimits(max_request_bytes, max_n, max_request_sequences, max_stop)
-        limits = ServerLimits(max_request_bytes, max_n, max_request_sequences, max_stop)
         config = EngineConfig(
             model=model, dtype=dtype, kv_cache_dtype=kv_cache_dtype, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,

@@ -66,7 +66,7 @@ def build_app(
     but /health and /metrics wants it as a bearer token."""
     limits = limits or ServerLimits()
     app = FastAPI(title="lowbit", version=lowbit.__version__, lifespan=_lifespan)
-    app.state.lowbit = state = ServerState(async_engine, names, api_key, limits)
+    app.state.lowbit = state = ServerState(async_engine, names, limits)
     install_error_handlers(app)
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=limits.max_request_bytes)
     # A plain ASGI middleware, not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware wraps

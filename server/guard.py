@@ -22,12 +22,10 @@ class Guard:
     def __init__(
         self, app: ASGIApp, api_key: str | None, max_body_bytes: int, open_paths: Collection[str] = OPEN_PATHS
     ):
-        self.app, self.api_key, self.max_body_bytes, self.open_paths = (
-            app,
-            api_key,
-            max_body_bytes,
-            open_paths,
-        )
+        self.app = app
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+        self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -61,12 +61,18 @@ def chat_prompt(body: ChatCompletionRequest, tokenizer: Tokenizer) -> list[int]:
         raise APIError(f"the chat template rejected these messages: {e}", 400, "messages") from None
 
 
-def prompt_count(body: CompletionRequest) -> int:
-    """How many prompts a completions request holds (a string, a token list, or a list of either)."""
+def _prompts(body: CompletionRequest) -> list[str | list[int]]:
+    """A completions request's prompts: it holds a string, a token list, or a list of either."""
     prompt = body.prompt
     if isinstance(prompt, str) or (prompt and all(isinstance(p, int) for p in prompt)):
-        return 1
-    return len(prompt)
+        return [prompt]
+    if not prompt:
+        raise APIError("prompt must not be an empty list", 400, "prompt")
+    return list(prompt)
+
+
+def prompt_count(body: CompletionRequest) -> int:
+    return len(_prompts(body))
 
 
 def check_completion_features(body: CompletionRequest) -> None:
@@ -80,14 +86,7 @@ def check_completion_features(body: CompletionRequest) -> None:
 
 def completion_prompts(body: CompletionRequest, tokenizer: Tokenizer) -> list[list[int]]:
     check_completion_features(body)
-    prompt = body.prompt
-    if isinstance(prompt, str):
-        return [tokenizer.encode(prompt)]
-    if prompt and all(isinstance(p, int) for p in prompt):
-        return [list(prompt)]
-    if not prompt:
-        raise APIError("prompt must not be an empty list", 400, "prompt")
-    return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+    return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in _prompts(body)]
 
 
 def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:

@@ -20,15 +20,12 @@ from .metrics import Metrics
 
 
 class ServerState:
-    def __init__(
-        self, async_engine: AsyncEngine, names: Sequence[str], api_key: str | None, limits: ServerLimits
-    ):
+    def __init__(self, async_engine: AsyncEngine, names: Sequence[str], limits: ServerLimits):
         self.async_engine = async_engine
         self.info = async_engine.info
         self.tokenizer = async_engine.engine.tokenizer
         self.strings = rs.TokenStrings(self.tokenizer)
         self.names = list(names)
-        self.api_key = api_key
         self.limits = limits
         self.draining = False  # shutting down: new requests are refused (server/shutdown.py)
         self.metrics = Metrics(async_engine.engine.stats)

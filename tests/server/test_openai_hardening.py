@@ -104,7 +104,10 @@ def test_one_request_cannot_ask_for_too_much(http, endpoint, fields, param):
 
 @pytest.mark.parametrize("endpoint", [CHAT, COMPLETIONS])
 def test_streamed_choices_finish_once(http, endpoint):
-    body = {"model": MODEL, "n": 4, "max_tokens": 12, "temperature": 1.0, "seed": 7, "stream": True}
+    """Choices that end at different steps (a stop string each meets when its sampled text does):
+    a finished choice is not sent again in later chunks."""
+    body = {"model": MODEL, "n": 4, "max_tokens": 24, "temperature": 1.0, "seed": 7, "stream": True,
+            "stop": ["e"]}  # fmt: skip
     if endpoint == CHAT:
         body["messages"] = [{"role": "user", "content": "Tell me a story."}]
     else:
@@ -112,8 +115,9 @@ def test_streamed_choices_finish_once(http, endpoint):
     with http.stream("POST", endpoint, json=body) as response:
         events, done = sse(response)
     assert done
-    ends = [c["index"] for e in events for c in e["choices"] if c.get("finish_reason")]
-    assert sorted(ends) == [0, 1, 2, 3]
+    ends = [(n, c["index"]) for n, e in enumerate(events) for c in e["choices"] if c.get("finish_reason")]
+    assert sorted(index for _, index in ends) == [0, 1, 2, 3]
+    assert len({n for n, _ in ends}) > 1, "guard: the choices must end in different chunks"
 
 
 def test_streamed_text_offsets_count_from_the_choice_start(http):
