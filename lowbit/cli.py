@@ -180,10 +180,25 @@ def quantize(
     activations: Annotated[int, typer.Option(help="16 (weight-only) or 8 (W8A8).")] = 16,
     group_size: Annotated[int, typer.Option(help="Input features per scale; -1 is per channel.")] = 128,
     symmetric: Annotated[
-        bool, typer.Option("--sym/--asym", help="int4 zero point fixed at 8, or per group.")
+        bool, typer.Option("--sym/--asym", help="int4 zero point fixed at 8, or per group (the default).")
+    ] = False,
+    act_order: Annotated[
+        str | None,
+        typer.Option(
+            help="GPTQ column order: none, weight (by decreasing Hessian, groups kept; the default) "
+            "or group (desc_act: groups in that order too, read through g_idx)."
+        ),
+    ] = None,
+    alpha: Annotated[
+        float | None, typer.Option(help="SmoothQuant migration strength; default: searched per layer.")
+    ] = None,
+    guard: Annotated[
+        bool,
+        typer.Option(
+            "--guard/--no-guard",
+            help="GPTQ/AWQ: per linear, keep RTN's codes where better on held-out calibration windows.",
+        ),
     ] = True,
-    act_order: Annotated[bool, typer.Option(help="GPTQ: quantize columns by decreasing Hessian.")] = False,
-    alpha: Annotated[float, typer.Option(help="SmoothQuant migration strength.")] = 0.5,
     format: Annotated[str, typer.Option(help="gptq, gptq_v2, awq, compressed-tensors or safetensors.")] = "",
     calibration: Annotated[str | None, typer.Option(help="Text file; default: exllamav2's c4 set.")] = None,
     num_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
@@ -194,19 +209,23 @@ def quantize(
 
     from lowbit.loaders.default_model import default_model_path
     from lowbit.loaders.writer import write_checkpoint
-    from lowbit.quantize.pipeline import QuantizeOptions, quantize_model
+    from lowbit.quantize.pipeline import GUARDED, QuantizeOptions, quantize_model_with_report
 
     fmt = format or ("compressed-tensors" if activations == 8 or bits == 8 else "gptq")
     try:
         opts = QuantizeOptions(
-            method, bits, activations, group_size, symmetric, act_order, alpha, num_samples, seq_len
+            method, bits, activations, group_size, symmetric, act_order, alpha, guard,
+            num_samples=num_samples, seq_len=seq_len,
         )  # fmt: skip
         text = Path(calibration).read_text(encoding="utf-8") if calibration else None
-        checkpoint = quantize_model(model or str(default_model_path()), opts, calibration_text=text)
+        source = model or str(default_model_path())
+        checkpoint, report = quantize_model_with_report(source, opts, calibration_text=text)
         out = write_checkpoint(checkpoint, output, fmt)
     except (ValueError, OSError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    if opts.method in GUARDED:
+        typer.echo(report.summary())
     typer.echo(f"wrote {fmt} checkpoint to {out}")
 
 

@@ -26,21 +26,27 @@ def fake_int4(w: torch.Tensor, group_size: int, symmetric: bool) -> torch.Tensor
     return ((q - zero[..., None]) * scale[..., None]).reshape(n, k)
 
 
+def scaled_error(
+    x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, group_size: int, symmetric: bool
+) -> float:
+    """sum ||x W^T - (x / s) Q(W s)^T||^2 over the weights sharing x [rows, K]; s [K]."""
+    w = torch.cat([t.float() for t in weights])  # [sum N_i, K]
+    x = x.float()
+    return (x @ w.T - (x / s) @ fake_int4(w * s, group_size, symmetric).T).pow(2).sum().item()
+
+
 def search_scales(
     x: torch.Tensor, weights: list[torch.Tensor], group_size: int, symmetric: bool, grid: int = 20
 ) -> torch.Tensor:
     """x [tokens, K] inputs; weights [N_i, K] sharing them -> per-input-channel scales s [K]."""
     x = x[:MAX_SEARCH_TOKENS].float()
-    w = torch.cat([t.float() for t in weights])  # [sum N_i, K]
-    reference = x @ w.T
     x_mean = x.abs().mean(dim=0).clamp(min=1e-8)  # [K]
     best_error, best = float("inf"), torch.ones_like(x_mean)
     for step in range(grid):
         alpha = step / grid
         s = x_mean.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
-        out = (x / s) @ fake_int4(w * s, group_size, symmetric).T
-        error = (reference - out).pow(2).mean().item()
+        error = scaled_error(x, weights, s, group_size, symmetric)
         if error < best_error:
             best_error, best = error, s
     return best

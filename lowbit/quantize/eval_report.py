@@ -32,7 +32,7 @@ def schemes(group_size: int, num_samples: int, seq_len: int) -> dict[str, Scheme
             Scheme(f"rtn-w4-g{group_size}", QuantizeOptions("rtn", **w4)),
             Scheme(f"gptq-w4-g{group_size}", QuantizeOptions("gptq", **w4, **calib)),
             Scheme(
-                f"gptq-w4-g{group_size}-act-order", QuantizeOptions("gptq", **w4, act_order=True, **calib)
+                f"gptq-w4-g{group_size}-desc-act", QuantizeOptions("gptq", **w4, act_order="group", **calib)
             ),
             Scheme(f"awq-w4-g{group_size}", QuantizeOptions("awq", **w4, **calib)),
             Scheme("smoothquant-w8a8", QuantizeOptions("smoothquant", bits=8, activations=8, **calib)),

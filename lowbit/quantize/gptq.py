@@ -10,6 +10,8 @@ scales computed from the partially-updated weights when a group starts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lowbit.runtime.quant.base import QuantizedWeight
@@ -32,35 +34,73 @@ class Hessian:
         self.count = total
 
 
+ACT_ORDERS = ("none", "weight", "group")
+
+
+@dataclass(frozen=True)
+class InverseHessian:
+    """What GPTQ takes from a Hessian, computed once for every linear that shares its inputs."""
+
+    act_order: str
+    hinv: torch.Tensor  # [K, K] float64: upper Cholesky factor of the dampened H^-1, in `perm` order
+    perm: torch.Tensor | None  # [K] processing order (act-order), None for the original order
+    dead: torch.Tensor  # bool [K]: inputs that were always zero
+
+
+def inverse_hessian(hessian: torch.Tensor, act_order: str = "none", damp: float = 0.01) -> InverseHessian:
+    if act_order not in ACT_ORDERS:
+        raise ValueError(f"act_order must be one of {ACT_ORDERS}, got {act_order!r}")
+    h = hessian.double().clone()  # [K, K]
+    k_in = h.shape[0]
+    dead = torch.diag(h) == 0  # any weight will do for them
+    h[dead, dead] = 1
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order != "none" else None
+    if perm is not None:
+        h = h[perm][:, perm]
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(k_in, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    return InverseHessian(act_order, hinv, perm, dead)
+
+
 def gptq_quantize(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | InverseHessian,
     group_size: int = 128,
     symmetric: bool = False,
-    act_order: bool = False,
+    act_order: str = "none",
     damp: float = 0.01,
     block_size: int = 128,
 ) -> QuantizedWeight:
-    """weight [N, K] float, hessian [K, K] -> W4A16 (with `perm` when act_order)."""
+    """weight [N, K] float, hessian [K, K] (or its `inverse_hessian`, which then fixes act_order
+    and damp) -> W4A16.
+
+    act_order: "none" takes columns in order, each group's grid from the weights as they are when
+    the group starts (GPTQ's reference code); "weight" takes columns by decreasing Hessian diagonal
+    but keeps groups on the original columns, each grid from the original weights (llm-compressor's
+    default, AutoGPTQ's static_groups + desc_act: no runtime cost); "group" takes columns and groups
+    in that order (GPTQ's desc_act: the result carries `perm`, which kernels read x through).
+    """
+    inverse = hessian if isinstance(hessian, InverseHessian) else inverse_hessian(hessian, act_order, damp)
+    act_order, hinv, perm = inverse.act_order, inverse.hinv, inverse.perm
     w = weight.double().clone()  # [N, K]
-    h = hessian.double().clone()
     n_out, k_in = w.shape
     group_size = k_in if group_size == -1 else group_size
     if k_in % group_size:
         raise ValueError(f"in_features {k_in} is not a multiple of group size {group_size}")
-    dead = torch.diag(h) == 0  # inputs that were always zero: any weight will do
-    h[dead, dead] = 1
-    w[:, dead] = 0
-    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else None
-    if perm is not None:
-        w, h = w[:, perm], h[perm][:, perm]
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(k_in, dtype=h.dtype)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-
-    q = torch.zeros(n_out, k_in, dtype=torch.uint8)
     groups = k_in // group_size
     scale = torch.zeros(n_out, groups, dtype=torch.float64)
     zero = torch.zeros(n_out, groups, dtype=torch.float64)
+    static = act_order == "weight"
+    if static:  # every grid from the original weights, before any error lands on them
+        s, z = int4_grid(w.reshape(n_out, groups, group_size), symmetric)
+        scale[:], zero[:] = s.double(), z.double()
+    w[:, inverse.dead] = 0
+    if perm is not None:
+        w = w[:, perm]
+    # The group of the column processed at each position: original groups when static.
+    group_of = (perm if static else torch.arange(k_in)) // group_size
+
+    q = torch.zeros(n_out, k_in, dtype=torch.uint8)  # in processing order
     for start in range(0, k_in, block_size):
         end = min(start + block_size, k_in)
         w1 = w[:, start:end].clone()
@@ -68,12 +108,11 @@ def gptq_quantize(
         hinv1 = hinv[start:end, start:end]
         for i in range(end - start):
             col = start + i
-            if col % group_size == 0:  # a group starts: its grid comes from the weights as they are now
-                g = col // group_size
+            g = int(group_of[col])
+            if not static and col % group_size == 0:  # a group starts: its grid from the weights now
                 current = torch.cat((w1[:, i:], w[:, end:]), dim=1)[:, :group_size]
                 s, z = int4_grid(current, symmetric)
                 scale[:, g], zero[:, g] = s.double(), z.double()
-            g = col // group_size
             column = w1[:, i]
             qi = int4_round(column[:, None], scale[:, g], zero[:, g])[:, 0]
             q[:, col] = qi
@@ -82,4 +121,7 @@ def gptq_quantize(
             w1[:, i:] -= err[:, None] @ hinv1[i, i:][None, :]
             err1[:, i] = err
         w[:, end:] -= err1 @ hinv[start:end, end:]
+    if static:  # back to the original column order: the groups were never permuted
+        q = q[:, torch.argsort(perm)]
+        perm = None
     return int4_weight(q, scale.float(), zero.float(), group_size, perm)

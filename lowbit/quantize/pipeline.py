@@ -8,8 +8,9 @@ Methods: rtn (no calibration), gptq, awq (4-bit weight-only) and smoothquant (W8
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -21,13 +22,20 @@ from lowbit.runtime.models.config import ModelConfig
 from lowbit.runtime.quant import QuantizedWeight, method_for
 from lowbit.runtime.quant.rtn import quantize_w4a16_rtn, quantize_w8a8_rtn, quantize_w8a16_rtn
 
-from .awq import search_scales
+from .awq import MAX_SEARCH_TOKENS, scaled_error, search_scales
 from .calibration import calibration_samples, first_layer_inputs, run_layer, watch_inputs
-from .gptq import Hessian, gptq_quantize
-from .smoothquant import smoothing_factors
+from .gptq import ACT_ORDERS, Hessian, InverseHessian, gptq_quantize, inverse_hessian
+from .holdout import SplitRows, held_out_windows, output_error
+from .smoothquant import search_alpha, smoothing_factors
 
 METHODS = ("rtn", "gptq", "awq", "smoothquant")
+# Measured on the default model against RTN and llm-compressor (docs/accuracy.md): columns in
+# Hessian order with groups kept on the original columns won at every calibration size.
+DEFAULT_ACT_ORDER = "weight"
+GUARDED = ("gptq", "awq")  # the methods whose codes the held-out check can replace with RTN's
+MIN_TOKENS_PER_DIM = 16  # calibration tokens per input dimension below which quantize warns
 ATTENTION = ("q_proj", "k_proj", "v_proj")
+log = logging.getLogger(__name__)
 MLP_IN = ("gate_proj", "up_proj")
 
 
@@ -40,8 +48,9 @@ class QuantizeOptions:
     activations: int = 16
     group_size: int = 128
     symmetric: bool = False
-    act_order: bool = False
-    alpha: float = 0.5  # smoothquant migration strength
+    act_order: str | None = None  # GPTQ column order (gptq.ACT_ORDERS); None: DEFAULT_ACT_ORDER
+    alpha: float | None = None  # smoothquant migration strength; None: searched per layer
+    guard: bool = True  # per linear, keep RTN's codes where the method does worse on held-out rows
     num_samples: int = 128
     seq_len: int = 512
     batch_size: int = 8
@@ -64,14 +73,22 @@ class QuantizeOptions:
             )
         if self.group_size != -1 and (self.group_size < 2 or self.group_size % 2):
             raise ValueError(f"group_size must be -1 or an even number >= 2, got {self.group_size}")
-        if self.act_order and self.method != "gptq":
+        if self.act_order is not None and self.method != "gptq":
             raise ValueError("act_order is a GPTQ option")
+        if self.act_order is not None and self.act_order not in ACT_ORDERS:
+            raise ValueError(f"act_order must be one of {ACT_ORDERS}, got {self.act_order!r}")
+        if self.alpha is not None and not 0 <= self.alpha <= 1:
+            raise ValueError(f"smoothquant alpha must be in [0, 1], got {self.alpha}")
         if self.num_samples < 1 or self.seq_len < 2 or self.batch_size < 1:
             raise ValueError("num_samples, seq_len and batch_size must be positive (seq_len >= 2)")
 
     @property
     def needs_calibration(self) -> bool:
         return self.method != "rtn"
+
+    @property
+    def gptq_act_order(self) -> str:
+        return self.act_order or DEFAULT_ACT_ORDER
 
 
 # ---------------------------------------------------------------------- the dense model
@@ -140,29 +157,71 @@ def _rtn(weight: torch.Tensor, opts: QuantizeOptions) -> QuantizedWeight:
     return quantize_w4a16_rtn(weight, opts.group_size, opts.symmetric)
 
 
-def _quantize_rtn(layer: nn.Module, inputs, kwargs, opts: QuantizeOptions) -> dict[str, QuantizedWeight]:
-    return {name: _rtn(linear.weight.data, opts) for name, linear in _linears(layer).items()}
+def _dequantized(qw: QuantizedWeight) -> torch.Tensor:
+    return method_for(qw.config).dequantize(qw.tensors)
 
 
-def _quantize_gptq(layer: nn.Module, inputs, kwargs, opts: QuantizeOptions) -> dict[str, QuantizedWeight]:
+@dataclass
+class _LayerResult:
+    """A layer's quantized linears, and what the held-out check compared and replaced."""
+
+    weights: dict[str, QuantizedWeight] = field(default_factory=dict)
+    checked: int = 0
+    fell_back: list[str] = field(default_factory=list)
+
+
+def _quantize_rtn(layer: nn.Module, inputs, kwargs, opts: QuantizeOptions, held) -> _LayerResult:
+    return _LayerResult({name: _rtn(linear.weight.data, opts) for name, linear in _linears(layer).items()})
+
+
+def _quantize_gptq(layer: nn.Module, inputs, kwargs, opts: QuantizeOptions, held) -> _LayerResult:
+    """GPTQ fitted without the held-out windows is checked on them; where it beats RTN, the codes
+    kept are GPTQ's refitted on every window (no calibration row is lost to the check)."""
     groups = _groups(layer)
     # The linears of a group see the same inputs, so they share one Hessian.
     watched = {key: linears[0][1] for key, linears in groups.items()}
-    hessians = {key: Hessian(m.in_features) for key, m in watched.items()}
-    with watch_inputs(watched, lambda key, x: hessians[key].add(x)):
+    fit = {key: Hessian(m.in_features) for key, m in watched.items()}
+    every = {key: Hessian(m.in_features) for key, m in watched.items()}
+    split = SplitRows(held, opts.batch_size, lambda key, x: fit[key].add(x))
+
+    def observe(key: str, x: torch.Tensor) -> None:
+        every[key].add(x)
+        split(key, x)
+
+    with watch_inputs(watched, observe):
         run_layer(layer, inputs, kwargs)
-    return {
-        name: gptq_quantize(
-            linear.weight.data,
-            hessians[key].matrix,
-            opts.group_size,
-            opts.symmetric,
-            opts.act_order,
-            opts.damp,
-        )
-        for key, linears in groups.items()
-        for name, linear in linears
-    }
+    result = _LayerResult()
+    for key, linears in groups.items():
+        x = split.held_rows(key) if opts.guard else None  # [rows, in]
+        inverse = {"fit": _inverse(fit[key], opts)}
+        for name, linear in linears:
+            w = linear.weight.data
+            qw = gptq_quantize(w, inverse["fit"], opts.group_size, opts.symmetric)
+            qw = _no_worse_than_rtn(name, qw, w, x, opts, result)
+            if x is not None and name not in result.fell_back:
+                if "every" not in inverse:
+                    inverse["every"] = _inverse(every[key], opts)
+                qw = gptq_quantize(w, inverse["every"], opts.group_size, opts.symmetric)
+            result.weights[name] = qw
+    return result
+
+
+def _inverse(hessian: Hessian, opts: QuantizeOptions) -> InverseHessian:
+    return inverse_hessian(hessian.matrix, opts.gptq_act_order, opts.damp)
+
+
+def _no_worse_than_rtn(
+    name: str, qw: QuantizedWeight, weight: torch.Tensor, x: torch.Tensor | None, opts, result: _LayerResult
+) -> QuantizedWeight:
+    """qw, or RTN's codes where those reproduce the held-out rows x [rows, in] better."""
+    if x is None:
+        return qw
+    result.checked += 1
+    rtn = _rtn(weight, opts)
+    if output_error(weight, _dequantized(qw), x) <= output_error(weight, _dequantized(rtn), x):
+        return qw
+    result.fell_back.append(name)
+    return rtn
 
 
 class _Samples:
@@ -185,12 +244,17 @@ class _Samples:
         return torch.cat(self.rows[name])
 
 
-def _collect(layer: nn.Module, inputs, kwargs, limit: int) -> _Samples:
+def _collect(
+    layer: nn.Module, inputs, kwargs, limit: int, held, batch_size: int
+) -> tuple[_Samples, SplitRows]:
+    """The first `limit` fitting rows (and every row's abs max) of each input group but o_proj's,
+    and the rows of the held-out windows."""
     samples = _Samples(limit)
     watched = {key: linears[0][1] for key, linears in _groups(layer).items() if key != "o_proj"}
-    with watch_inputs(watched, samples):
+    split = SplitRows(held, batch_size, samples)
+    with watch_inputs(watched, split):
         run_layer(layer, inputs, kwargs)
-    return samples
+    return samples, split
 
 
 @torch.no_grad()
@@ -229,27 +293,36 @@ def _group_weights(layer: nn.Module) -> dict[str, list[torch.Tensor]]:
     }
 
 
-def _quantize_awq(layer: nn.Module, inputs, kwargs, opts: QuantizeOptions) -> dict[str, QuantizedWeight]:
-    samples = _collect(layer, inputs, kwargs, limit=4096)
+def _quantize_awq(layer: nn.Module, inputs, kwargs, opts: QuantizeOptions, held) -> _LayerResult:
+    samples, split = _collect(layer, inputs, kwargs, MAX_SEARCH_TOKENS, held, opts.batch_size)
     group = opts.group_size if opts.group_size != -1 else None
-    scales = {
-        key: search_scales(samples.x(key), weights, group or weights[0].shape[1], opts.symmetric)
-        for key, weights in _group_weights(layer).items()
-    }
+    scales, checked, fell_back = {}, 0, []
+    for key, weights in _group_weights(layer).items():
+        size = group or weights[0].shape[1]
+        s = search_scales(samples.x(key), weights, size, opts.symmetric)
+        x = split.held_rows(key) if opts.guard else None
+        if x is not None:  # the check, per input group: its scale is one fold for all its linears
+            checked += 1
+            if scaled_error(x, weights, s, size, opts.symmetric) > scaled_error(
+                x, weights, torch.ones_like(s), size, opts.symmetric
+            ):
+                s = torch.ones_like(s)
+                fell_back.append(key)
+        scales[key] = s
     _fold(layer, scales)
-    return _quantize_rtn(layer, inputs, kwargs, opts)
+    return replace(_quantize_rtn(layer, inputs, kwargs, opts, held), checked=checked, fell_back=fell_back)
 
 
-def _quantize_smoothquant(
-    layer: nn.Module, inputs, kwargs, opts: QuantizeOptions
-) -> dict[str, QuantizedWeight]:
-    samples = _collect(layer, inputs, kwargs, limit=0)
+def _quantize_smoothquant(layer: nn.Module, inputs, kwargs, opts: QuantizeOptions, held) -> _LayerResult:
+    samples, _ = _collect(layer, inputs, kwargs, MAX_SEARCH_TOKENS, held, opts.batch_size)
     scales = {
         key: smoothing_factors(samples.absmax[key], weights, opts.alpha)
+        if opts.alpha is not None
+        else search_alpha(samples.x(key), samples.absmax[key], weights)
         for key, weights in _group_weights(layer).items()
     }
     _fold(layer, scales)
-    return _quantize_rtn(layer, inputs, kwargs, opts)
+    return _quantize_rtn(layer, inputs, kwargs, opts, held)
 
 
 _LAYER_METHODS: dict[str, Callable] = {
@@ -297,13 +370,45 @@ def _check_group_size(checkpoint: Checkpoint, opts: QuantizeOptions) -> None:
         )
 
 
+@dataclass(frozen=True)
+class QuantizeReport:
+    """What the held-out check did: `checked` linears (AWQ: input groups) compared with RTN on
+    held-out calibration windows, `fell_back` those (full names) that kept RTN's codes."""
+
+    method: str
+    checked: int
+    fell_back: tuple[str, ...]
+
+    def summary(self) -> str:
+        if not self.checked:
+            return f"{self.method}: no held-out check (one calibration window, or --no-guard)"
+        return (
+            f"{self.method}: {len(self.fell_back)} of {self.checked} checked "
+            f"{'input groups' if self.method == 'awq' else 'linears'} kept round-to-nearest codes "
+            "(did better on held-out calibration windows)"
+            + (f": {', '.join(self.fell_back)}" if self.fell_back else "")
+        )
+
+
 def quantize_model(
     source: str | Checkpoint,
     opts: QuantizeOptions,
     calibration_text: str | None = None,
     progress: bool = True,
 ) -> Checkpoint:
-    """The model at `source` (GGUF or HF dir, or a loaded Checkpoint) quantized by `opts`."""
+    """The model at `source` (GGUF or HF dir, or a loaded Checkpoint) quantized by `opts`; the
+    held-out check's summary is logged."""
+    checkpoint, report = quantize_model_with_report(source, opts, calibration_text, progress)
+    log.info(report.summary())
+    return checkpoint
+
+
+def quantize_model_with_report(
+    source: str | Checkpoint,
+    opts: QuantizeOptions,
+    calibration_text: str | None = None,
+    progress: bool = True,
+) -> tuple[Checkpoint, QuantizeReport]:
     from tqdm.auto import tqdm
 
     checkpoint = load_checkpoint(source) if not isinstance(source, Checkpoint) else source
@@ -311,7 +416,9 @@ def quantize_model(
     model = hf_model(checkpoint)
     layers = model.model.layers
     inputs, kwargs = [], [{} for _ in layers]
+    held = torch.zeros(opts.num_samples, dtype=torch.bool)
     if opts.needs_calibration:
+        _warn_if_few_tokens(checkpoint.config, opts)
         if calibration_text is None:
             from .text_data import standard_text
 
@@ -320,24 +427,48 @@ def quantize_model(
             checkpoint.tokenizer, calibration_text, opts.num_samples, opts.seq_len, opts.seed
         )
         inputs, kwargs = first_layer_inputs(model, samples, opts.batch_size)
+        if opts.guard and opts.method in GUARDED:
+            held = held_out_windows(opts.num_samples)
     quantized: dict[str, QuantizedWeight] = {}
+    checked, fell_back = 0, []
     method = _LAYER_METHODS[opts.method]
     for i, layer in enumerate(tqdm(layers, desc=f"{opts.method} layers", disable=not progress)):
-        layer_weights = method(layer, inputs, kwargs[i], opts)
-        _set_quantized(layer, layer_weights)
+        result = method(layer, inputs, kwargs[i], opts, held)
+        _set_quantized(layer, result.weights)
         if opts.needs_calibration:
             inputs = run_layer(layer, inputs, kwargs[i])
         prefix = f"model.layers.{i}."
-        for name, qw in layer_weights.items():
-            part = "self_attn" if name in (*ATTENTION, "qkv_proj", "o_proj") else "mlp"
-            quantized[f"{prefix}{part}.{name}.weight"] = qw
+        checked += result.checked
+        fell_back += [f"{prefix}{_part(name)}.{name}" for name in result.fell_back]
+        for name, qw in result.weights.items():
+            quantized[f"{prefix}{_part(name)}.{name}.weight"] = qw
     weights = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and checkpoint.config.tie_word_embeddings:
             continue
         kept = quantized.get(name)
         weights[name] = kept if kept is not None else _unquantized(checkpoint.weights[name], tensor)
-    return replace(checkpoint, weights=weights, source=f"{checkpoint.source} ({opts.method})")
+    quantized_checkpoint = replace(checkpoint, weights=weights, source=f"{checkpoint.source} ({opts.method})")
+    return quantized_checkpoint, QuantizeReport(opts.method, checked, tuple(fell_back))
+
+
+def _part(name: str) -> str:
+    """The module a projection (or AWQ input group, named by its first member) sits in."""
+    return "self_attn" if name in (*ATTENTION, "qkv_proj", "o_proj") else "mlp"
+
+
+def _warn_if_few_tokens(config: ModelConfig, opts: QuantizeOptions) -> None:
+    """GPTQ fits each linear to its calibration rows: with few rows per input dimension it fits
+    them at the expense of other text (docs/accuracy.md: tokens per Hessian dimension)."""
+    widest = max(projection_input_sizes(config))
+    per_dim = opts.num_samples * opts.seq_len / widest
+    if per_dim < MIN_TOKENS_PER_DIM:
+        log.warning(
+            "calibration has %d tokens, %.1f per input dimension of the widest projection (%d): "
+            "below %d, calibrated methods fit the calibration text more than text in general; "
+            "use more samples (--num-samples) or longer ones (--seq-len)",
+            opts.num_samples * opts.seq_len, per_dim, widest, MIN_TOKENS_PER_DIM,
+        )  # fmt: skip
 
 
 def _unquantized(source, current: torch.Tensor):

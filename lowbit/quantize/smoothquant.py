@@ -3,11 +3,19 @@
 For a group of linears sharing input X: s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) over input
 channel j (max|W_j| across every weight of the group), then X' = X / s (folded into the RMSNorm
 or the up projection that produces X) and W' = W * s: X'W'^T = XW^T exactly before rounding.
+Unless alpha is given, it is searched per group on calibration rows (the paper tunes it per model),
+with no smoothing among the candidates.
 """
 
 from __future__ import annotations
 
 import torch
+
+from lowbit.runtime.quant.rtn import quantize_w8a8_rtn
+
+# Migration strengths tried per input group (the paper's 0.5 and its range for larger models).
+ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+MAX_SEARCH_TOKENS = 4096
 
 
 def smoothing_factors(
@@ -19,3 +27,25 @@ def smoothing_factors(
     w_absmax = torch.cat([w.float().abs() for w in weights]).amax(dim=0).clamp(min=1e-5)
     s = act_absmax.float().clamp(min=1e-5).pow(alpha) / w_absmax.pow(1 - alpha)
     return s.clamp(min=1e-5)
+
+
+def fake_w8a8(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [rows, K] @ w [N, K]^T as W8A8 computes it: int8 per-token activations, int8 per-channel
+    weights (the same rounding as RTN W8A8), in fp32."""
+    x_scale = (x.abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=1e-8)  # [rows, 1]
+    xq = torch.round(x / x_scale).clamp(-127, 127) * x_scale
+    qw = quantize_w8a8_rtn(w)
+    wq = qw.tensors["qweight"].float() * qw.tensors["scales"].float().reshape(-1, 1)
+    return xq @ wq.T
+
+
+def search_alpha(x: torch.Tensor, act_absmax: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    """The smoothing factors s [K] of the alpha in ALPHAS, or no smoothing (s = 1), whose W8A8
+    output on x [rows, K] is closest to the float output."""
+    x = x[:MAX_SEARCH_TOKENS].float()
+    w = torch.cat([t.float() for t in weights])  # [sum N_i, K]
+    reference = x @ w.T
+    candidates = [torch.ones_like(act_absmax, dtype=torch.float32)]
+    candidates += [smoothing_factors(act_absmax, weights, alpha) for alpha in ALPHAS]
+    errors = [(reference - fake_w8a8(x / s, w * s)).pow(2).sum().item() for s in candidates]
+    return candidates[min(range(len(errors)), key=errors.__getitem__)]

@@ -81,9 +81,9 @@ def test_quantize_writes_a_gptq_directory_that_generates_like_the_in_memory_mode
     assert f"wrote gptq checkpoint to {out}" in result.stdout
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "gptq" and config["bits"] == 4 and config["group_size"] == 32
-    assert config["sym"] is True and config["desc_act"] is False  # the CLI's defaults: --sym, no act-order
+    assert config["sym"] is False and config["desc_act"] is False  # the CLI's defaults: --asym, no desc-act
 
-    in_memory = quantize_model(load_checkpoint(path), QuantizeOptions("rtn", group_size=32, symmetric=True))
+    in_memory = quantize_model(load_checkpoint(path), QuantizeOptions("rtn", group_size=32, symmetric=False))
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     loaded = LLM(str(out), dtype="float32", kv_cache_memory=KV).generate(PROMPT, params)[0].outputs[0]
     assert len(loaded.token_ids) == 24

@@ -5,7 +5,8 @@ measured on held-out wiki windows against transformers running the float weights
 - the calibration vehicle (layer-0 inputs, layer by layer) reproduces the model's own forward;
 - folding SmoothQuant, AWQ or arbitrary positive scales into norms/up_proj leaves the float model's
   logits unchanged;
-- GPTQ's logits are closer to the float model's than RTN's (asymmetric, and symmetric act-order);
+- GPTQ's logits are closer to the float model's than RTN's (asymmetric, and symmetric desc-act);
+- the held-out check hands a linear back to RTN when calibration made GPTQ worse on other text;
 - every scheme stays within a stated distance of the float model, and really moves away from it;
 - quantize_model -> write_checkpoint -> load_checkpoint gives back the same packed tensors (modulo
   the fp16 the formats store scales and dense weights in), and LLM(dir) computes the same logits as
@@ -17,6 +18,7 @@ Each quantization runs once per module (`quantized` caches them).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 import torch
@@ -27,6 +29,7 @@ from lowbit.loaders.gguf_file import read_gguf
 from lowbit.loaders.registry import load_checkpoint
 from lowbit.loaders.tokenizer import tokenizer_from_gguf
 from lowbit.loaders.writer import write_checkpoint
+from lowbit.quantize import pipeline
 from lowbit.quantize.awq import search_scales
 from lowbit.quantize.calibration import calibration_samples, first_layer_inputs, run_layer
 from lowbit.quantize.pipeline import (
@@ -36,6 +39,7 @@ from lowbit.quantize.pipeline import (
     _group_weights,
     hf_model,
     quantize_model,
+    quantize_model_with_report,
 )
 from lowbit.quantize.smoothquant import smoothing_factors
 from lowbit.quantize.text_data import standard_text
@@ -53,8 +57,8 @@ OPTIONS = {
     "rtn": QuantizeOptions("rtn", group_size=32),
     "rtn-sym": QuantizeOptions("rtn", group_size=32, symmetric=True),
     "gptq": QuantizeOptions("gptq", group_size=32, **CALIBRATION),
-    "gptq-sym-act-order": QuantizeOptions(
-        "gptq", group_size=32, symmetric=True, act_order=True, **CALIBRATION
+    "gptq-sym-desc-act": QuantizeOptions(
+        "gptq", group_size=32, symmetric=True, act_order="group", **CALIBRATION
     ),
     "awq": QuantizeOptions("awq", group_size=32, **CALIBRATION),
     "smoothquant": QuantizeOptions("smoothquant", bits=8, activations=8, **CALIBRATION),
@@ -184,7 +188,8 @@ def _fold_everywhere(model: torch.nn.Module, samples: torch.Tensor, scales_for: 
     """Fold scales_for(collected inputs, group weights) into each layer, calibrating layer by layer."""
     inputs, kwargs = first_layer_inputs(model, samples, batch_size=4)
     for layer, layer_kwargs in zip(model.model.layers, kwargs, strict=True):
-        collected = _collect(layer, inputs, layer_kwargs, limit=512)
+        no_held_out = torch.zeros(len(samples), dtype=torch.bool)
+        collected, _ = _collect(layer, inputs, layer_kwargs, 512, no_held_out, batch_size=4)
         scales = {key: scales_for(collected, key, weights) for key, weights in _group_weights(layer).items()}
         norm_before = layer.input_layernorm.weight.clone()
         _fold(layer, scales)
@@ -223,7 +228,7 @@ def test_folding_scales_keeps_the_float_model(
 # ---------------------------------------------------------------------- what quantize_model returns
 
 
-@pytest.mark.parametrize("name", ["rtn", "gptq-sym-act-order", "awq", "smoothquant"])
+@pytest.mark.parametrize("name", ["rtn", "gptq-sym-desc-act", "awq", "smoothquant"])
 def test_projections_are_quantized_and_the_rest_kept(quantized, checkpoint, name):
     out = quantized[name]
     opts = OPTIONS[name]
@@ -236,7 +241,10 @@ def test_projections_are_quantized_and_the_rest_kept(quantized, checkpoint, name
             if opts.activations == 8:
                 assert isinstance(got.config, W8A8Config)
             else:
-                assert got.config == W4A16Config(32, opts.act_order)
+                # desc-act's linears carry their permutation; any that the held-out check handed
+                # back to RTN have none (an identity g_idx is the plain layout).
+                assert got.config == W4A16Config(32, "perm" in got.tensors), weight_name
+                assert opts.act_order == "group" or "perm" not in got.tensors, weight_name
         elif "layernorm" in weight_name and name in ("awq", "smoothquant"):
             assert not torch.equal(got, original), weight_name  # scales folded into the norms
         else:
@@ -246,7 +254,7 @@ def test_projections_are_quantized_and_the_rest_kept(quantized, checkpoint, name
 # ---------------------------------------------------------------------- accuracy
 
 
-@pytest.mark.parametrize(("better", "baseline"), [("gptq", "rtn"), ("gptq-sym-act-order", "rtn-sym")])
+@pytest.mark.parametrize(("better", "baseline"), [("gptq", "rtn"), ("gptq-sym-desc-act", "rtn-sym")])
 def test_gptq_is_closer_to_the_float_model_than_rtn(logit_errors, better, baseline):
     assert logit_errors(better) < GPTQ_VS_RTN * logit_errors(baseline), (
         logit_errors(better),
@@ -263,6 +271,37 @@ def test_quantized_logits_stay_close_to_the_float_model(logit_errors, float_logi
     assert 1e-3 < relative < BOUNDS[scheme], relative
 
 
+def _one_token_windows(tokenizer, wiki_window: list[int]):
+    """Eight calibration windows: seven of one token repeated, and (held out: every 8th window)
+    one of ordinary text. Calibrated on a single repeated input, GPTQ fits that input alone."""
+
+    def windows(tok, text, num_samples, seq_len, seed):
+        assert num_samples == 8 and seq_len == len(wiki_window)
+        token = tokenizer.encode(" the", add_special_tokens=False)[0]
+        return torch.tensor([[token] * seq_len] * 7 + [wiki_window])
+
+    return windows
+
+
+def test_linears_that_gptq_made_worse_on_held_out_text_keep_rtn_codes(
+    monkeypatch, checkpoint, tokenizer, held_out, calibration_text
+):
+    monkeypatch.setattr(pipeline, "calibration_samples", _one_token_windows(tokenizer, held_out[0]))
+    opts = QuantizeOptions("gptq", group_size=32, num_samples=8, seq_len=WINDOW, batch_size=4)
+    quantized, report = quantize_model_with_report(checkpoint, opts, calibration_text, progress=False)
+    assert report.checked == 2 * len(PROJECTIONS)
+    assert len(report.fell_back) >= len(PROJECTIONS), report.fell_back  # measured: 14 of 14
+    rtn = quantize_model(checkpoint, OPTIONS["rtn"], progress=False)
+    for name in report.fell_back:
+        ours, plain = quantized.weights[f"{name}.weight"], rtn.weights[f"{name}.weight"]
+        assert torch.equal(ours.tensors["qweight"], plain.tensors["qweight"]), name
+    assert f"{len(report.fell_back)} of 14 checked linears kept round-to-nearest" in report.summary()
+
+    unguarded = replace(opts, guard=False)
+    _, report = quantize_model_with_report(checkpoint, unguarded, calibration_text, progress=False)
+    assert report.checked == 0 and report.fell_back == ()
+
+
 # ---------------------------------------------------------------------- write and read back
 
 
@@ -273,7 +312,7 @@ FP16_STORAGE = {"w4a16": 0.005, "w8a8": 0.05}
 ROUND_TRIPS = [
     ("rtn", "gptq_v2"),
     ("rtn", "compressed-tensors"),
-    ("gptq-sym-act-order", "gptq"),
+    ("gptq-sym-desc-act", "gptq"),
     ("awq", "awq"),
     ("smoothquant", "compressed-tensors"),
 ]

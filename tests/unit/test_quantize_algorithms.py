@@ -151,14 +151,14 @@ def test_gptq_with_an_identity_hessian_is_rtn_symmetric_up_to_ties(weight, group
     assert tie.sum() <= weight.shape[0] * (K_IN // size) * 2  # about one tie per group, not more
 
 
-@pytest.mark.parametrize("act_order", [False, True], ids=["in-order", "act-order"])
+@pytest.mark.parametrize("act_order", ["none", "weight", "group"])
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
 @pytest.mark.parametrize("group", [32, -1], ids=["g32", "per-channel"])
 def test_gptq_beats_rtn_on_the_layer_objective(weight, group, symmetric, act_order):
     calibration, held_out = _correlated_inputs(1024, seed=10), _correlated_inputs(1024, seed=11)
     gptq = gptq_quantize(weight, _hessian(calibration), group, symmetric, act_order)
     rtn = quantize_w4a16_rtn(weight, group, symmetric)
-    assert ("perm" in gptq.tensors) == act_order
+    assert ("perm" in gptq.tensors) == (act_order == "group")
     torch.testing.assert_close(_dequantize(gptq), _dequantize_ref(gptq), rtol=0, atol=1e-6)
     gptq_error = _output_error(held_out, weight, _dequantize(gptq))
     rtn_error = _output_error(held_out, weight, _dequantize(rtn))
@@ -168,7 +168,7 @@ def test_gptq_beats_rtn_on_the_layer_objective(weight, group, symmetric, act_ord
 def test_act_order_permutation_follows_the_hessian_diagonal(weight):
     x = _correlated_inputs(512, seed=12)
     hessian = _hessian(x)
-    qw = gptq_quantize(weight, hessian, 32, act_order=True)
+    qw = gptq_quantize(weight, hessian, 32, act_order="group")
     perm = qw.tensors["perm"]
     assert qw.config.act_order and perm.dtype == torch.int64
     assert sorted(perm.tolist()) == list(range(K_IN))
@@ -181,7 +181,7 @@ def test_act_order_with_a_diagonal_hessian_is_rtn_in_that_column_order(weight):
     """A diagonal Hessian propagates nothing, so act-order GPTQ is RTN of the columns taken in order
     of decreasing diagonal (groups contiguous in that order); dequantize must put each column back."""
     diagonal = torch.rand(K_IN, generator=_gen(13), dtype=torch.float64) + 0.5
-    qw = gptq_quantize(weight, torch.diag(diagonal), 32, symmetric=False, act_order=True)
+    qw = gptq_quantize(weight, torch.diag(diagonal), 32, symmetric=False, act_order="group")
     order = torch.argsort(diagonal, descending=True)
     assert torch.equal(qw.tensors["perm"], order)
     rtn = quantize_w4a16_rtn(weight[:, order], 32, symmetric=False)
@@ -192,6 +192,36 @@ def test_act_order_with_a_diagonal_hessian_is_rtn_in_that_column_order(weight):
     # And the original column order: every weight within half a step of its own dequantized value.
     step = rtn.tensors["scales"].max()
     assert (_dequantize(qw) - weight).abs().max() <= step / 2 + 1e-6
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_weight_order_with_a_diagonal_hessian_is_rtn_in_the_original_groups(weight, symmetric):
+    """"weight" order visits columns by decreasing diagonal but keeps the original groups and their
+    grids: with nothing to propagate, every code is RTN's and no `perm` is stored."""
+    diagonal = torch.rand(K_IN, generator=_gen(16), dtype=torch.float64) + 0.5
+    qw = gptq_quantize(weight, torch.diag(diagonal), 32, symmetric=symmetric, act_order="weight")
+    rtn = quantize_w4a16_rtn(weight, 32, symmetric=symmetric)
+    assert "perm" not in qw.tensors and not qw.config.act_order
+    torch.testing.assert_close(qw.tensors["scales"], rtn.tensors["scales"], rtol=0, atol=0)
+    # Codes may differ only at exact .5 ties (float64 against float32 rounding): symmetric grids put
+    # each group's largest weight on one (max|w| / s = 7.5).
+    differ = _codes(qw) != _codes(rtn)
+    assert differ.sum() <= (N_OUT * K_IN // 32 if symmetric else 2), differ.sum()
+    assert ((_codes(qw) - _codes(rtn)).abs() <= 1).all()
+
+
+def test_weight_order_grids_come_from_the_original_weights(weight):
+    """Static groups: whatever error GPTQ spreads, each group's scale is RTN's on the original
+    weights (llm-compressor's observer, taken before the columns are updated)."""
+    qw = gptq_quantize(weight, _hessian(_correlated_inputs(512, seed=17)), 32, act_order="weight")
+    rtn = quantize_w4a16_rtn(weight, 32)
+    torch.testing.assert_close(qw.tensors["scales"], rtn.tensors["scales"], rtol=0, atol=0)
+    torch.testing.assert_close(qw.tensors["mins"], rtn.tensors["mins"], rtol=0, atol=0)
+
+
+def test_gptq_rejects_an_unknown_column_order(weight):
+    with pytest.raises(ValueError, match=r"act_order must be one of \('none', 'weight', 'group'\)"):
+        gptq_quantize(weight, torch.eye(K_IN), 32, act_order="random")
 
 
 def test_gptq_rejects_a_group_size_that_does_not_divide_the_inputs(weight):
@@ -314,8 +344,10 @@ def test_smoothing_alpha_outside_unit_interval_raises(alpha):
         ({"group_size": 0}, "group_size must be -1 or an even number >= 2, got 0"),
         ({"group_size": 33}, "group_size must be -1 or an even number >= 2, got 33"),
         ({"group_size": -2}, "group_size must be -1 or an even number >= 2, got -2"),
-        ({"method": "rtn", "act_order": True}, "act_order is a GPTQ option"),
-        ({"method": "awq", "act_order": True}, "act_order is a GPTQ option"),
+        ({"method": "rtn", "act_order": "group"}, "act_order is a GPTQ option"),
+        ({"method": "awq", "act_order": "weight"}, "act_order is a GPTQ option"),
+        ({"method": "gptq", "act_order": "desc"}, r"act_order must be one of \('none', 'weight', 'group'\)"),
+        ({"method": "smoothquant", "bits": 8, "activations": 8, "alpha": 1.5}, r"alpha must be in \[0, 1\]"),
         ({"method": "gptq", "num_samples": 0}, "num_samples"),
         ({"method": "gptq", "seq_len": 1}, "seq_len"),
         ({"method": "gptq", "batch_size": 0}, "batch_size"),
@@ -331,7 +363,8 @@ def test_quantize_options_reject_bad_combinations(kwargs, message):
     [
         {"method": "rtn", "bits": 8},
         {"method": "rtn", "bits": 8, "activations": 8},
-        {"method": "gptq", "act_order": True, "group_size": -1},
+        {"method": "gptq", "act_order": "group", "group_size": -1},
+        {"method": "gptq", "act_order": "none", "guard": False},
         {"method": "awq", "symmetric": True, "group_size": 32},
         {"method": "smoothquant", "bits": 8, "activations": 8, "alpha": 0.8},
     ],
