@@ -6,7 +6,7 @@ domain (calibrate on held-out wiki text instead of c4), or the attention-sink ro
 
     python benchmarks/gptq_ablation.py --calibration wiki
     python benchmarks/gptq_ablation.py --skip 8
-    python benchmarks/gptq_ablation.py --act-order
+    python benchmarks/gptq_ablation.py --act-order group
 """
 
 from __future__ import annotations
@@ -50,7 +50,10 @@ def main() -> None:
     )
     parser.add_argument("--calibration", choices=("c4", "wiki"), default="c4")
     parser.add_argument("--skip", type=int, default=0, help="calibration positions left out of the Hessian")
-    parser.add_argument("--act-order", action="store_true")
+    parser.add_argument("--act-order", choices=("none", "weight", "group"), default="none")
+    parser.add_argument(
+        "--guard", action="store_true", help="the held-out check against RTN (off: as measured)"
+    )
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--group-size", type=int, default=64)
     args = parser.parse_args()
@@ -61,7 +64,7 @@ def main() -> None:
     wiki = standard_text("wiki")
     text = wiki[HELD_OUT_WIKI:] if args.calibration == "wiki" else None
     opts = QuantizeOptions("gptq", bits=4, group_size=args.group_size, num_samples=args.num_samples,
-                           seq_len=seq_len, act_order=args.act_order)  # fmt: skip
+                           seq_len=seq_len, act_order=args.act_order, guard=args.guard)  # fmt: skip
     start = time.perf_counter()
     source = load_checkpoint(default_model_path())
     checkpoint = quantize_model(source, opts, calibration_text=text, progress=False)
