@@ -24,11 +24,11 @@ from transformers import PreTrainedTokenizerFast
 
 from lowbit.kernels.w4a16_matmul import unpack_int4
 from lowbit.loaders.tokenizer import Tokenizer
-from lowbit.quantize.awq import fake_int4, search_scales
+from lowbit.quantize.awq import fake_int4, scaled_error, search_scales
 from lowbit.quantize.calibration import calibration_samples, watch_inputs
 from lowbit.quantize.gptq import Hessian, gptq_quantize
 from lowbit.quantize.pipeline import QuantizeOptions
-from lowbit.quantize.smoothquant import smoothing_factors
+from lowbit.quantize.smoothquant import search_alpha, smoothing_factors
 from lowbit.runtime.quant import QuantizedWeight, method_for
 from lowbit.runtime.quant.rtn import int4_grid, int4_round, quantize_w4a16_rtn
 
@@ -278,6 +278,17 @@ def test_awq_scales_never_lose_to_rtn(outlier_scale):
     assert _awq_error(x, weights, s) <= _awq_error(x, weights, torch.ones(K_IN)) * (1 + 1e-6)
 
 
+@pytest.mark.parametrize("unit", [True, False], ids=["s=1 (RTN)", "searched s"])
+def test_awq_scaled_error_is_the_output_error_of_those_codes(unit):
+    """The held-out check's measure: the same number as the output error computed here from RTN
+    codes dequantized independently."""
+    x = _outlier_inputs(30.0, seed=23)
+    weights = [torch.randn(32, K_IN, generator=_gen(24)), torch.randn(16, K_IN, generator=_gen(25))]
+    s = torch.ones(K_IN) if unit else search_scales(x, weights, 32, symmetric=False)
+    got = scaled_error(x, weights, s, 32, symmetric=False)
+    assert got == pytest.approx(_awq_error(x, weights, s), rel=1e-4)
+
+
 def test_awq_scales_protect_strong_outlier_channels():
     x = _outlier_inputs(30.0, seed=23)
     weights = [torch.randn(64, K_IN, generator=_gen(24))]
@@ -327,6 +338,27 @@ def test_smoothing_with_alpha_half_balances_activation_and_weight_ranges():
 def test_smoothing_alpha_outside_unit_interval_raises(alpha):
     with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
         smoothing_factors(torch.ones(4), [torch.ones(2, 4)], alpha)
+
+
+def _w8a8_error(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> float:
+    """||X W^T - Qa(X / s) Qw(W s)^T||^2: int8 per token (activations), int8 per output channel
+    (weights), both symmetric with scale max|.| / 127, written out here."""
+    xs, ws = (x / s).double(), (w * s).double()
+    x_step = xs.abs().amax(dim=1, keepdim=True) / 127
+    w_step = ws.abs().amax(dim=1, keepdim=True) / 127
+    xq, wq = torch.round(xs / x_step) * x_step, torch.round(ws / w_step) * w_step
+    return (x.double() @ w.double().T - xq @ wq.T).pow(2).sum().item()
+
+
+@pytest.mark.parametrize("outlier_scale", [1.0, 30.0])
+def test_searched_smoothing_is_no_worse_than_alpha_half_or_none(outlier_scale):
+    x = _outlier_inputs(outlier_scale, seed=26)
+    weights = [torch.randn(32, K_IN, generator=_gen(27)), torch.randn(16, K_IN, generator=_gen(28))]
+    w, absmax = torch.cat(weights), x.abs().amax(dim=0)
+    s = search_alpha(x, absmax, weights)
+    searched = _w8a8_error(x, w, s)
+    assert searched <= _w8a8_error(x, w, smoothing_factors(absmax, weights, 0.5)) * (1 + 1e-6)
+    assert searched <= _w8a8_error(x, w, torch.ones(K_IN)) * (1 + 1e-6)
 
 
 # ---------------------------------------------------------------------- QuantizeOptions
