@@ -1,4 +1,5 @@
-"""The real default model, loaded once per test session in each mode, and its HF reference."""
+"""The real default model, loaded once per test session in each mode, and its HF reference; the
+tiny random Llama of tests/tiny_llama.py (per module, for files that do not build their own)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import pytest
 import torch
 
 from lowbit import LLM
+from lowbit.loaders.gguf_file import read_gguf
+from lowbit.loaders.tokenizer import tokenizer_from_gguf
+from tests.tiny_llama import save_tiny_llama
 
 # Small pools: the tests never hold more than a few thousand tokens at once.
 KV_MEMORY = 64 << 20
@@ -68,3 +72,15 @@ def hf_greedy(hf_model, token_ids: list[int], max_new_tokens: int) -> list[int]:
             eos_token_id=None,
         )  # fmt: skip
     return out[0, len(token_ids) :].tolist()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_gguf):
+    return tokenizer_from_gguf(read_gguf(default_gguf).metadata)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tokenizer):
+    """The tiny Llama saved as an HF directory, and the transformers model itself."""
+    path = tmp_path_factory.mktemp("tiny")
+    return path, save_tiny_llama(path, tokenizer.hf)

@@ -18,14 +18,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lowbit.loaders.gguf_file import read_gguf
 from lowbit.loaders.registry import load_checkpoint
-from lowbit.loaders.tokenizer import tokenizer_from_gguf
 from lowbit.quantize.calibration import calibration_samples
 from lowbit.quantize.pipeline import QuantizeOptions, quantize_model
 from lowbit.quantize.text_data import standard_text
 from lowbit.runtime.quant import method_for
-from tests.tiny_llama import PROJECTIONS, save_tiny_llama
+from tests.tiny_llama import PROJECTIONS
 
 FIXTURE = Path(__file__).parents[1] / "data" / "quantize_reference"
 NUM_SAMPLES, SEQ_LEN, TEXT_CHARS = 16, 64, 200_000  # as make_fixture.py drew them
@@ -34,17 +32,6 @@ OPTIONS = QuantizeOptions(
     num_samples=NUM_SAMPLES, seq_len=SEQ_LEN, batch_size=4,
 )  # fmt: skip
 WITHIN = 1.05
-
-
-@pytest.fixture(scope="module")
-def tokenizer(default_gguf):
-    return tokenizer_from_gguf(read_gguf(default_gguf).metadata)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny")
-    return path, save_tiny_llama(path, tokenizer.hf)
 
 
 @pytest.fixture(scope="module")

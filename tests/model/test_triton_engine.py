@@ -14,25 +14,12 @@ import torch
 
 from lowbit import LLM, SamplingParams
 from lowbit.kernels.triton_support import HAS_TRITON
-from lowbit.loaders.gguf_file import read_gguf
-from lowbit.loaders.tokenizer import tokenizer_from_gguf
-from tests.tiny_llama import save_tiny_llama, with_rtn_weights
+from tests.tiny_llama import with_rtn_weights
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 TEXT = "The quick brown fox jumps over the lazy dog. " * 4
 PROMPTS = [TEXT + "Then", TEXT + "After that the fox", "Hello"]
 LATER = [TEXT + "Finally"]  # after PROMPTS: its prefill attends to TEXT's blocks from the prefix cache
-
-
-@pytest.fixture(scope="module")
-def tokenizer(default_gguf):
-    return tokenizer_from_gguf(read_gguf(default_gguf).metadata)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-triton")
-    return path, save_tiny_llama(path, tokenizer.hf)
 
 
 def build(path, triton: bool, monkeypatch, **kwargs) -> LLM:
