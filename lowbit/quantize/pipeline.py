@@ -385,7 +385,7 @@ class QuantizeReport:
         return (
             f"{self.method}: {len(self.fell_back)} of {self.checked} checked "
             f"{'input groups' if self.method == 'awq' else 'linears'} kept round-to-nearest codes "
-            "(did better on held-out calibration windows)"
+            "(those did better on the held-out calibration windows)"
             + (f": {', '.join(self.fell_back)}" if self.fell_back else "")
         )
 

@@ -290,7 +290,7 @@ def test_linears_that_gptq_made_worse_on_held_out_text_keep_rtn_codes(
     opts = QuantizeOptions("gptq", group_size=32, num_samples=8, seq_len=WINDOW, batch_size=4)
     quantized, report = quantize_model_with_report(checkpoint, opts, calibration_text, progress=False)
     assert report.checked == 2 * len(PROJECTIONS)
-    assert len(report.fell_back) >= len(PROJECTIONS), report.fell_back  # measured: 14 of 14
+    assert len(report.fell_back) >= len(PROJECTIONS), report.fell_back  # measured: 12 of 14
     rtn = quantize_model(checkpoint, OPTIONS["rtn"], progress=False)
     for name in report.fell_back:
         ours, plain = quantized.weights[f"{name}.weight"], rtn.weights[f"{name}.weight"]
