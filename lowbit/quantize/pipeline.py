@@ -35,8 +35,8 @@ DEFAULT_ACT_ORDER = "weight"
 GUARDED = ("gptq", "awq")  # the methods whose codes the held-out check can replace with RTN's
 MIN_TOKENS_PER_DIM = 16  # calibration tokens per input dimension below which quantize warns
 ATTENTION = ("q_proj", "k_proj", "v_proj")
-log = logging.getLogger(__name__)
 MLP_IN = ("gate_proj", "up_proj")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -180,12 +180,14 @@ def _quantize_gptq(layer: nn.Module, inputs, kwargs, opts: QuantizeOptions, held
     groups = _groups(layer)
     # The linears of a group see the same inputs, so they share one Hessian.
     watched = {key: linears[0][1] for key, linears in groups.items()}
+    holding_out = bool(held.any())
     fit = {key: Hessian(m.in_features) for key, m in watched.items()}
-    every = {key: Hessian(m.in_features) for key, m in watched.items()}
+    every = {key: Hessian(m.in_features) for key, m in watched.items()} if holding_out else fit
     split = SplitRows(held, opts.batch_size, lambda key, x: fit[key].add(x))
 
     def observe(key: str, x: torch.Tensor) -> None:
-        every[key].add(x)
+        if holding_out:
+            every[key].add(x)
         split(key, x)
 
     with watch_inputs(watched, observe):
@@ -193,15 +195,15 @@ def _quantize_gptq(layer: nn.Module, inputs, kwargs, opts: QuantizeOptions, held
     result = _LayerResult()
     for key, linears in groups.items():
         x = split.held_rows(key) if opts.guard else None  # [rows, in]
-        inverse = {"fit": _inverse(fit[key], opts)}
+        fitted, refit = _inverse(fit[key], opts), None
         for name, linear in linears:
             w = linear.weight.data
-            qw = gptq_quantize(w, inverse["fit"], opts.group_size, opts.symmetric)
-            qw = _no_worse_than_rtn(name, qw, w, x, opts, result)
+            qw = _no_worse_than_rtn(
+                name, gptq_quantize(w, fitted, opts.group_size, opts.symmetric), w, x, opts, result
+            )
             if x is not None and name not in result.fell_back:
-                if "every" not in inverse:
-                    inverse["every"] = _inverse(every[key], opts)
-                qw = gptq_quantize(w, inverse["every"], opts.group_size, opts.symmetric)
+                refit = refit or _inverse(every[key], opts)  # once per group, when first needed
+                qw = gptq_quantize(w, refit, opts.group_size, opts.symmetric)
             result.weights[name] = qw
     return result
 

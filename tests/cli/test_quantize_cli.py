@@ -90,14 +90,36 @@ def test_quantize_writes_a_gptq_directory_that_generates_like_the_in_memory_mode
     assert loaded.text == _greedy_in_memory(as_stored_fp16(in_memory), params)
 
 
+def test_gptq_with_the_defaults_reports_its_check_and_warns_of_little_calibration(tiny, tmp_path):
+    path, _ = tiny
+    out = tmp_path / "out"
+    result = _run("quantize", str(path), "--method", "gptq", "--group-size", "32", "--num-samples", "8",
+                  "--seq-len", "64", "-o", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"gptq: \d+ of 14 checked linears kept round-to-nearest codes", result.stdout), (
+        result.stdout
+    )
+    # 8 x 64 tokens for the 256-wide down projection: 2 per input dimension.
+    assert (
+        "calibration has 512 tokens, 2.0 per input dimension of the widest projection (256)" in result.stderr
+    )
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    # The default column order keeps groups in place: no desc_act (g_idx) in the checkpoint.
+    assert config["sym"] is False and config["desc_act"] is False
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--method", "foo"], "method must be one of"),
         (["--method", "rtn", "--bits", "3"], r"rtn supports bits/activations .* got \(3, 16\)"),
         (["--method", "rtn", "--group-size", "48"], "group size 48"),  # 128 and 256 inputs
+        (
+            ["--method", "gptq", "--act-order", "desc"],
+            r"act_order must be one of \('none', 'weight', 'group'\)",
+        ),
     ],
-    ids=["method", "bits", "group-size"],
+    ids=["method", "bits", "group-size", "act-order"],
 )
 def test_bad_quantize_options_are_clear_errors(tiny, tmp_path, args, message):
     out = tmp_path / "out"
