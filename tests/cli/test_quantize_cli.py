@@ -72,14 +72,20 @@ def _greedy_in_memory(checkpoint: Checkpoint, params: SamplingParams) -> str:
     return text
 
 
+def _quantize(path, out, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """`lowbit quantize path ... -o out`, which must succeed; and the quantization_config it wrote."""
+    result = _run("quantize", str(path), *args, "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert f"wrote gptq checkpoint to {out}" in result.stdout
+    return result, json.loads((out / "config.json").read_text())["quantization_config"]
+
+
 def test_quantize_writes_a_gptq_directory_that_generates_like_the_in_memory_model(tiny, tmp_path):
     path, _ = tiny
     out = tmp_path / "out"
-    result = _run("quantize", str(path), "--method", "rtn", "--bits", "4", "--group-size", "32",
-                  "--format", "gptq", "-o", str(out))  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert f"wrote gptq checkpoint to {out}" in result.stdout
-    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    _, config = _quantize(
+        path, out, "--method", "rtn", "--bits", "4", "--group-size", "32", "--format", "gptq"
+    )
     assert config["quant_method"] == "gptq" and config["bits"] == 4 and config["group_size"] == 32
     assert config["sym"] is False and config["desc_act"] is False  # the CLI's defaults: --asym, no desc-act
 
@@ -91,11 +97,8 @@ def test_quantize_writes_a_gptq_directory_that_generates_like_the_in_memory_mode
 
 
 def test_gptq_with_the_defaults_reports_its_check_and_warns_of_little_calibration(tiny, tmp_path):
-    path, _ = tiny
-    out = tmp_path / "out"
-    result = _run("quantize", str(path), "--method", "gptq", "--group-size", "32", "--num-samples", "8",
-                  "--seq-len", "64", "-o", str(out))  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    args = ("--method", "gptq", "--group-size", "32", "--num-samples", "8", "--seq-len", "64")
+    result, config = _quantize(tiny[0], tmp_path / "out", *args)
     assert re.search(r"gptq: \d+ of 14 checked linears kept round-to-nearest codes", result.stdout), (
         result.stdout
     )
@@ -103,7 +106,6 @@ def test_gptq_with_the_defaults_reports_its_check_and_warns_of_little_calibratio
     assert (
         "calibration has 512 tokens, 2.0 per input dimension of the widest projection (256)" in result.stderr
     )
-    config = json.loads((out / "config.json").read_text())["quantization_config"]
     # The default column order keeps groups in place: no desc_act (g_idx) in the checkpoint.
     assert config["sym"] is False and config["desc_act"] is False
 
