@@ -22,7 +22,7 @@ import torch
 
 from lowbit.loaders.default_model import default_model_path
 from lowbit.loaders.registry import load_checkpoint
-from lowbit.quantize.calibration import calibration_samples
+from lowbit.quantize.calibration import calibration_samples, watch_inputs
 from lowbit.quantize.pipeline import QuantizeOptions, hf_model, quantize_model
 from lowbit.quantize.text_data import standard_text
 from lowbit.runtime.quant import method_for
@@ -52,15 +52,10 @@ def _held_out(checkpoint) -> torch.Tensor:
 def _projection_inputs(model, windows: torch.Tensor) -> dict[str, torch.Tensor]:
     """Every projection's inputs on the held-out windows, from the float model: [tokens, in]."""
     seen: dict[str, list[torch.Tensor]] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if name.split(".")[-1] in PROJECTIONS:
-            hook = lambda m, a, name=name: seen.setdefault(name, []).append(a[0].reshape(-1, a[0].shape[-1]))  # noqa: E731
-            handles.append(module.register_forward_pre_hook(hook))
-    for window in windows:
-        model(window[None])
-    for h in handles:
-        h.remove()
+    projections = {n: m for n, m in model.named_modules() if n.split(".")[-1] in PROJECTIONS}
+    with watch_inputs(projections, lambda name, x: seen.setdefault(name, []).append(x)):
+        for window in windows:
+            model(window[None])
     return {name: torch.cat(xs) for name, xs in seen.items()}
 
 

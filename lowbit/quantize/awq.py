@@ -32,7 +32,19 @@ def scaled_error(
     """sum ||x W^T - (x / s) Q(W s)^T||^2 over the weights sharing x [rows, K]; s [K]."""
     w = torch.cat([t.float() for t in weights])  # [sum N_i, K]
     x = x.float()
-    return (x @ w.T - (x / s) @ fake_int4(w * s, group_size, symmetric).T).pow(2).sum().item()
+    return _scaled_error(x, w, x @ w.T, s, group_size, symmetric)
+
+
+def _scaled_error(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    reference: torch.Tensor,
+    s: torch.Tensor,
+    group_size: int,
+    symmetric: bool,
+) -> float:
+    """scaled_error with w [N, K] concatenated and reference = x @ w^T [rows, N] already made."""
+    return (reference - (x / s) @ fake_int4(w * s, group_size, symmetric).T).pow(2).sum().item()
 
 
 def search_scales(
@@ -40,13 +52,15 @@ def search_scales(
 ) -> torch.Tensor:
     """x [tokens, K] inputs; weights [N_i, K] sharing them -> per-input-channel scales s [K]."""
     x = x[:MAX_SEARCH_TOKENS].float()
+    w = torch.cat([t.float() for t in weights])  # [sum N_i, K]
+    reference = x @ w.T  # made once: every candidate scale is scored against it
     x_mean = x.abs().mean(dim=0).clamp(min=1e-8)  # [K]
     best_error, best = float("inf"), torch.ones_like(x_mean)
     for step in range(grid):
         alpha = step / grid
         s = x_mean.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
-        error = scaled_error(x, weights, s, group_size, symmetric)
+        error = _scaled_error(x, w, reference, s, group_size, symmetric)
         if error < best_error:
             best_error, best = error, s
     return best

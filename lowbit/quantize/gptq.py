@@ -2,10 +2,9 @@
 column's rounding error over the columns not yet quantized through the inverse Hessian of the
 layer's inputs, H = 2 X^T X / n.
 
-Follows the reference implementation (and AutoGPTQ's defaults): dampening of 1% of the mean
-diagonal, Cholesky factor of H^-1, lazy batch updates of 128 columns, optional act-order
-(columns in order of decreasing H diagonal, groups taken in that order, as GPTQ's g_idx), group
-scales computed from the partially-updated weights when a group starts.
+Follows the reference implementation: dampening of 1% of the mean diagonal, Cholesky factor of
+H^-1, lazy batch updates of 128 columns; three column orders (`gptq_quantize`'s act_order),
+"weight" being llm-compressor's default and ours.
 """
 
 from __future__ import annotations

@@ -157,10 +157,6 @@ def _rtn(weight: torch.Tensor, opts: QuantizeOptions) -> QuantizedWeight:
     return quantize_w4a16_rtn(weight, opts.group_size, opts.symmetric)
 
 
-def _dequantized(qw: QuantizedWeight) -> torch.Tensor:
-    return method_for(qw.config).dequantize(qw.tensors)
-
-
 @dataclass
 class _LayerResult:
     """A layer's quantized linears, and what the held-out check compared and replaced."""
@@ -170,11 +166,15 @@ class _LayerResult:
     fell_back: list[str] = field(default_factory=list)
 
 
-def _quantize_rtn(layer: nn.Module, inputs, kwargs, opts: QuantizeOptions, held) -> _LayerResult:
+def _quantize_rtn(
+    layer: nn.Module, inputs, kwargs, opts: QuantizeOptions, held: torch.Tensor
+) -> _LayerResult:
     return _LayerResult({name: _rtn(linear.weight.data, opts) for name, linear in _linears(layer).items()})
 
 
-def _quantize_gptq(layer: nn.Module, inputs, kwargs, opts: QuantizeOptions, held) -> _LayerResult:
+def _quantize_gptq(
+    layer: nn.Module, inputs, kwargs, opts: QuantizeOptions, held: torch.Tensor
+) -> _LayerResult:
     """GPTQ fitted without the held-out windows is checked on them; where it beats RTN, the codes
     kept are GPTQ's refitted on every window (no calibration row is lost to the check)."""
     groups = _groups(layer)
@@ -194,7 +194,7 @@ def _quantize_gptq(layer: nn.Module, inputs, kwargs, opts: QuantizeOptions, held
         run_layer(layer, inputs, kwargs)
     result = _LayerResult()
     for key, linears in groups.items():
-        x = split.held_rows(key) if opts.guard else None  # [rows, in]
+        x = split.held_rows(key)  # [rows, in]; None when nothing is held out (no guard)
         fitted, refit = _inverse(fit[key], opts), None
         for name, linear in linears:
             w = linear.weight.data
@@ -220,7 +220,7 @@ def _no_worse_than_rtn(
         return qw
     result.checked += 1
     rtn = _rtn(weight, opts)
-    if output_error(weight, _dequantized(qw), x) <= output_error(weight, _dequantized(rtn), x):
+    if output_error(weight, _dense(qw), x) <= output_error(weight, _dense(rtn), x):
         return qw
     result.fell_back.append(name)
     return rtn
@@ -295,14 +295,16 @@ def _group_weights(layer: nn.Module) -> dict[str, list[torch.Tensor]]:
     }
 
 
-def _quantize_awq(layer: nn.Module, inputs, kwargs, opts: QuantizeOptions, held) -> _LayerResult:
+def _quantize_awq(
+    layer: nn.Module, inputs, kwargs, opts: QuantizeOptions, held: torch.Tensor
+) -> _LayerResult:
     samples, split = _collect(layer, inputs, kwargs, MAX_SEARCH_TOKENS, held, opts.batch_size)
     group = opts.group_size if opts.group_size != -1 else None
     scales, checked, fell_back = {}, 0, []
     for key, weights in _group_weights(layer).items():
         size = group or weights[0].shape[1]
         s = search_scales(samples.x(key), weights, size, opts.symmetric)
-        x = split.held_rows(key) if opts.guard else None
+        x = split.held_rows(key)
         if x is not None:  # the check, per input group: its scale is one fold for all its linears
             checked += 1
             if scaled_error(x, weights, s, size, opts.symmetric) > scaled_error(
@@ -315,7 +317,9 @@ def _quantize_awq(layer: nn.Module, inputs, kwargs, opts: QuantizeOptions, held)
     return replace(_quantize_rtn(layer, inputs, kwargs, opts, held), checked=checked, fell_back=fell_back)
 
 
-def _quantize_smoothquant(layer: nn.Module, inputs, kwargs, opts: QuantizeOptions, held) -> _LayerResult:
+def _quantize_smoothquant(
+    layer: nn.Module, inputs, kwargs, opts: QuantizeOptions, held: torch.Tensor
+) -> _LayerResult:
     samples, _ = _collect(layer, inputs, kwargs, MAX_SEARCH_TOKENS, held, opts.batch_size)
     scales = {
         key: smoothing_factors(samples.absmax[key], weights, opts.alpha)

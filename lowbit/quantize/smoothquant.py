@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.kernels.w8a8_matmul import dequantize_w8a8_weight_ref, quantize_per_token_ref
 from lowbit.runtime.quant.rtn import quantize_w8a8_rtn
 
 # Migration strengths tried per input group (the paper's 0.5 and its range for larger models).
@@ -31,12 +32,11 @@ def smoothing_factors(
 
 def fake_w8a8(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [rows, K] @ w [N, K]^T as W8A8 computes it: int8 per-token activations, int8 per-channel
-    weights (the same rounding as RTN W8A8), in fp32."""
-    x_scale = (x.abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=1e-8)  # [rows, 1]
-    xq = torch.round(x / x_scale).clamp(-127, 127) * x_scale
+    weights (RTN W8A8's rounding), the kernel spec's quantizers, summed in fp32 rather than the
+    spec's exact integers (fast enough to score every candidate)."""
+    xq, x_scale = quantize_per_token_ref(x)  # int8 [rows, K], [rows, 1]
     qw = quantize_w8a8_rtn(w)
-    wq = qw.tensors["qweight"].float() * qw.tensors["scales"].float().reshape(-1, 1)
-    return xq @ wq.T
+    return (xq.float() * x_scale) @ dequantize_w8a8_weight_ref(qw.tensors["qweight"], qw.tensors["scales"]).T
 
 
 def search_alpha(x: torch.Tensor, act_absmax: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:

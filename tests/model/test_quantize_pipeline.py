@@ -249,6 +249,8 @@ def test_projections_are_quantized_and_the_rest_kept(quantized, checkpoint, name
             assert not torch.equal(got, original), weight_name  # scales folded into the norms
         else:
             assert torch.equal(got, original), weight_name
+    if opts.act_order == "group":  # desc-act really ran: not every linear was handed back to RTN
+        assert any("perm" in w.tensors for w in out.weights.values() if isinstance(w, QuantizedWeight))
 
 
 # ---------------------------------------------------------------------- accuracy

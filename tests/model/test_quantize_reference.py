@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from lowbit.loaders.registry import load_checkpoint
-from lowbit.quantize.calibration import calibration_samples
+from lowbit.quantize.calibration import calibration_samples, watch_inputs
 from lowbit.quantize.pipeline import QuantizeOptions, quantize_model
 from lowbit.quantize.text_data import standard_text
 from lowbit.runtime.quant import method_for
@@ -57,19 +57,9 @@ def held_out_inputs(tiny, tokenizer) -> dict[str, torch.Tensor]:
     model = tiny[1]
     ids = tokenizer.encode(standard_text("wiki")[:20_000], add_special_tokens=False)[: 4 * SEQ_LEN]
     seen: dict[str, torch.Tensor] = {}
-
-    def keep(name: str):
-        return lambda module, args: seen.__setitem__(name, args[0].reshape(-1, args[0].shape[-1]))
-
-    handles = [
-        module.register_forward_pre_hook(keep(name))
-        for name, module in model.named_modules()
-        if name.split(".")[-1] in PROJECTIONS
-    ]
-    with torch.no_grad():
+    projections = {n: m for n, m in model.named_modules() if n.split(".")[-1] in PROJECTIONS}
+    with torch.no_grad(), watch_inputs(projections, seen.__setitem__):
         model(torch.tensor(ids).reshape(4, SEQ_LEN))
-    for h in handles:
-        h.remove()
     return seen
 
 
