@@ -46,3 +46,16 @@ def dequantize_ref(blocks: torch.Tensor, name: str) -> torch.Tensor:
 def ggml_matmul_ref(x: torch.Tensor, blocks: torch.Tensor, name: str) -> torch.Tensor:
     """x [M, K] @ dequantize(W).T in fp64 (the comparison point for kernels' fp32 sums)."""
     return x.double() @ dequantize_ref(blocks, name).double().T
+
+
+def int8_activations_ref(x: torch.Tensor, name: str) -> torch.Tensor:
+    """The activations as the CPU kernels' int8 arithmetic sees them (llama.cpp's Q8_0 / Q8_K): per
+    block of the weight type (32, or 256 for super-blocks), the scale d = amax / 127 in fp32 and x
+    rounded to the nearest multiple of it (x * (1 / d) rounded half to even), dequantized in fp64.
+    fp32 [M, K] -> fp64 [M, K]."""
+    block = GGML_QUANT_SIZES[qtype(name)][0]
+    xb = x.float().reshape(x.shape[0], -1, block)  # [M, K/block, block]
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    return (torch.round(xb * inv).double() * d.double()).reshape(x.shape)
+

@@ -48,6 +48,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <cstring>
 #include <vector>
 
@@ -260,6 +261,19 @@ struct Q2_K {
         store32(q + 128 * h + 32 * j, _mm256_and_si256(_mm256_srli_epi16(v, 2 * j), three));
     }
   }
+  // Register form (rows_k_avx2): chunk C's quants as unsigned bytes, scales and mins as int16.
+  static constexpr int OFFSET = 0;
+  static void prep_avx2(const uint8_t* b, __m256i& sc, __m256i& mn, float& d, float& dmin) {
+    const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+    sc = _mm256_and_si256(v, _mm256_set1_epi16(15));
+    mn = _mm256_srli_epi16(v, 4);
+    d = f16(b + 80);
+    dmin = f16(b + 82);
+  }
+  template <int C>
+  static __m256i chunk_avx2(const uint8_t* b) {
+    return _mm256_and_si256(_mm256_srli_epi16(load32(b + 16 + 32 * (C / 4)), 2 * (C % 4)), _mm256_set1_epi8(3));
+  }
 #endif
 };
 
@@ -298,6 +312,23 @@ struct Q3_K {
         store32(q + 128 * h + 32 * j, _mm256_sub_epi8(low, _mm256_andnot_si256(set, four)));
       }
     }
+  }
+  // Register form: q + 4 (0..7, the high bit as 4), with the offset as a min of 4 sc (dmin = d).
+  static constexpr int OFFSET = 4;
+  static void prep_avx2(const uint8_t* b, __m256i& sc, __m256i& mn, float& d, float& dmin) {
+    alignas(32) int16_t s[16], unused[16];
+    int_scales(b, s, unused, d, dmin);
+    sc = _mm256_load_si256(reinterpret_cast<const __m256i*>(s));
+    mn = _mm256_slli_epi16(sc, 2);
+    dmin = d;
+  }
+  template <int C>
+  static __m256i chunk_avx2(const uint8_t* b) {
+    constexpr int h = C / 4, j = C % 4;
+    const __m256i low = _mm256_and_si256(_mm256_srli_epi16(load32(b + 32 + 32 * h), 2 * j), _mm256_set1_epi8(3));
+    const __m256i bit = _mm256_set1_epi8(static_cast<char>(1 << (4 * h + j)));
+    const __m256i high = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(load32(b), bit), bit), _mm256_set1_epi8(4));
+    return _mm256_or_si256(low, high);
   }
 #endif
 };
@@ -353,6 +384,30 @@ struct KQuant45 {
       store32(q + 64 * c + 32, hi);
     }
   }
+  // Register form: scales in int16 lanes 0-7, mins in lanes 0-7 of mn (8-15 zero).
+  static constexpr int OFFSET = 0;
+  static void prep_avx2(const uint8_t* b, __m256i& sc, __m256i& mn, float& d, float& dmin) {
+    uint32_t w[3];
+    std::memcpy(w, b + 4, 12);
+    const uint32_t low6 = 0x3f3f3f3f, nib = 0x0f0f0f0f, top2 = 0x03030303;
+    const uint32_t s0 = w[0] & low6, s1 = (w[2] & nib) | (((w[0] >> 6) & top2) << 4);
+    const uint32_t m0 = w[1] & low6, m1 = ((w[2] >> 4) & nib) | (((w[1] >> 6) & top2) << 4);
+    sc = _mm256_cvtepu8_epi16(_mm_set_epi32(static_cast<int>(m1), static_cast<int>(m0), static_cast<int>(s1), static_cast<int>(s0)));
+    mn = _mm256_permute2x128_si256(sc, sc, 0x81);
+    d = f16(b);
+    dmin = f16(b + 2);
+  }
+  template <int C>
+  static __m256i chunk_avx2(const uint8_t* b) {
+    const __m256i v = load32(b + (FIVE ? 48 : 16) + 32 * (C / 2));
+    __m256i q = _mm256_and_si256(C % 2 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(15));
+    if constexpr (FIVE) {  // bit C of qh[l] to bit 4 (16-bit shifts; the mask drops what crossed bytes)
+      const __m256i qh = load32(b + 16);
+      const __m256i moved = C <= 4 ? _mm256_slli_epi16(qh, 4 - C) : _mm256_srli_epi16(qh, C - 4);
+      q = _mm256_or_si256(q, _mm256_and_si256(moved, _mm256_set1_epi8(16)));
+    }
+    return q;
+  }
 #endif
 };
 using Q4_K = KQuant45<false>;
@@ -396,6 +451,22 @@ struct Q6_K {
       store32(o + 96, _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), fifteen), h3), bias));
     }
   }
+  // Register form: q + 32 (0..63), with the offset as a min of 32 sc (dmin = d).
+  static constexpr int OFFSET = 32;
+  static void prep_avx2(const uint8_t* b, __m256i& sc, __m256i& mn, float& d, float& dmin) {
+    sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192)));
+    mn = _mm256_slli_epi16(sc, 5);
+    d = dmin = f16(b + 208);
+  }
+  template <int C>
+  static __m256i chunk_avx2(const uint8_t* b) {
+    constexpr int h = C / 4, j = C % 4;
+    const __m256i src = load32(b + 64 * h + 32 * (j % 2));
+    const __m256i low = _mm256_and_si256(j < 2 ? src : _mm256_srli_epi16(src, 4), _mm256_set1_epi8(15));
+    const __m256i hi = load32(b + 128 + 32 * h);  // bits 2j, 2j+1 to bits 4, 5
+    const __m256i moved = j == 0 ? _mm256_slli_epi16(hi, 4) : j == 1 ? _mm256_slli_epi16(hi, 2) : j == 2 ? hi : _mm256_srli_epi16(hi, 2);
+    return _mm256_or_si256(low, _mm256_and_si256(moved, _mm256_set1_epi8(0x30)));
+  }
 #endif
 };
 
@@ -425,6 +496,17 @@ struct IQ4_XS {
     const __m256i table = kvalues_avx2();
     for (int j = 0; j < 8; ++j) store32(q + 32 * j, _mm256_shuffle_epi8(table, nibbles32_avx2(b + 8 + 16 * j)));
   }
+  // Register form: signed values (the kernel moves their sign onto the activations), no min.
+  static constexpr int OFFSET = 0;
+  static void prep_avx2(const uint8_t* b, __m256i& sc, __m256i& mn, float& d, float& dmin) {
+    alignas(16) int16_t s[8], unused[8];
+    int_scales(b, s, unused, d, dmin);
+    sc = _mm256_zextsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(s)));
+    mn = _mm256_setzero_si256();
+    dmin = 0.f;
+  }
+  template <int C>
+  static __m256i chunk_avx2(const uint8_t* b) { return _mm256_shuffle_epi8(kvalues_avx2(), nibbles32_avx2(b + 8 + 16 * C)); }
 #endif
 };
 
@@ -729,6 +811,97 @@ void rows_int8_k(const Operands& o, int64_t n0, int64_t n1, int64_t m0, int64_t 
   }
 }
 
+#if defined(__AVX2__)
+// Compile-time loop: f(std::integral_constant<int, 0>{}) ... f(<N - 1>).
+template <int N, typename F, int... I>
+inline void unroll(F&& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, typename F>
+inline void unroll(F&& f) {
+  unroll<N>(f, std::make_integer_sequence<int, N>{});
+}
+
+// Chunk C's int16 scale lanes from the block's scales (prep_avx2): one scale for all 16 lanes
+// (sub-blocks of 32), or sub-block 2C's for lanes 0-7 and 2C+1's for lanes 8-15 (sub-blocks of 16;
+// maddubs' lane i sums weights 2i and 2i+1). `half` holds the right 128-bit half in both lanes.
+template <int SUB, int C>
+inline __m256i chunk_scales(__m256i half) {
+  if constexpr (SUB == 32) return _mm256_shuffle_epi8(half, _mm256_set1_epi16(static_cast<int16_t>(0x0100 + 0x0202 * C)));
+  constexpr int i0 = (2 * C) % 8, i1 = (2 * C + 1) % 8;
+  return _mm256_shuffle_epi8(half, _mm256_set_m128i(_mm_set1_epi16(static_cast<int16_t>(0x0100 + 0x0202 * i1)),
+                                                    _mm_set1_epi16(static_cast<int16_t>(0x0100 + 0x0202 * i0))));
+}
+
+// Super-blocks straight from the file's bytes into registers (the decode path): for R activation
+// rows (int8 per 256, as llama.cpp's Q8_K) and one weight row, each 32-weight chunk is decoded once
+// and used for all R rows; the sums stay in registers for the whole row.
+//   y = sum_blocks d dx sum_j sc_j (q . xq)_j  -  dmin dx sum_j mn_j bsum_j
+// Types whose quants are signed around an offset (Q3_K, Q6_K) store q + OFFSET and take the offset
+// as a min of OFFSET sc_j with dmin = d, subtracted in int32 before the one float conversion; IQ4_XS
+// keeps signed values and moves their sign onto the activations (maddubs takes unsigned weights).
+template <typename B, int R>
+void k_rows_avx2(const Operands& o, int64_t n, int64_t row0) {
+  constexpr int SUBS = B::QK / B::SUB;
+  constexpr bool SIGNED = !B::MIN && B::OFFSET == 0;
+  const int64_t blocks = o.K / B::QK;
+  const uint8_t* w = o.w + n * blocks * B::BYTES;
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const uint8_t* b = w + blk * B::BYTES;
+    __m256i sc, mn;
+    float d, dmin;
+    B::prep_avx2(b, sc, mn, d, dmin);
+    const __m256i lo = _mm256_permute4x64_epi64(sc, 0x44);
+    [[maybe_unused]] const __m256i hi = _mm256_permute4x64_epi64(sc, 0xEE);
+    __m256i isum[R];
+    for (int r = 0; r < R; ++r) isum[r] = _mm256_setzero_si256();
+    unroll<B::QK / 32>([&](auto c) {
+      constexpr int C = decltype(c)::value;
+      const __m256i q = B::template chunk_avx2<C>(b);
+      const __m256i s = chunk_scales<B::SUB, C>(B::SUB == 16 && C >= 4 ? hi : lo);
+      const __m256i q_abs = SIGNED ? _mm256_sign_epi8(q, q) : q;
+      for (int r = 0; r < R; ++r) {
+        __m256i a = load32(reinterpret_cast<const uint8_t*>(o.xq + (row0 + r) * o.K + blk * B::QK + 32 * C));
+        if constexpr (SIGNED) a = _mm256_sign_epi8(a, q);
+        isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(_mm256_maddubs_epi16(q_abs, a), s));
+      }
+    });
+    for (int r = 0; r < R; ++r) {
+      const float dx = o.dx[(row0 + r) * blocks + blk];
+      if constexpr (B::MIN || B::OFFSET) {
+        const int16_t* bs = o.bsum + (row0 + r) * (o.K / B::SUB) + blk * SUBS;
+        const __m256i bsum = SUBS == 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bs))
+                                        : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bs)));
+        const __m256i msum = _mm256_madd_epi16(mn, bsum);
+        if constexpr (B::OFFSET) {
+          isum[r] = _mm256_sub_epi32(isum[r], msum);
+        } else {
+          acc[r] = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * dx), _mm256_cvtepi32_ps(msum), acc[r]);
+        }
+      }
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(isum[r]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) o.y[(row0 + r) * o.N + n] = hsum(acc[r]);
+}
+
+template <typename B>
+void rows_k_avx2(const Operands& o, int64_t n0, int64_t n1, int64_t m0, int64_t mt) {
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t t0 = 0; t0 < mt; t0 += 4) {
+      switch (std::min<int64_t>(4, mt - t0)) {
+        case 1: k_rows_avx2<B, 1>(o, n, m0 + t0); break;
+        case 2: k_rows_avx2<B, 2>(o, n, m0 + t0); break;
+        case 3: k_rows_avx2<B, 3>(o, n, m0 + t0); break;
+        default: k_rows_avx2<B, 4>(o, n, m0 + t0); break;
+      }
+    }
+  }
+}
+#endif
+
 // x fp32 [M, K] -> int8 [M, K] and one scale per `block` (amax / 127, round to nearest even), and
 // the integer sums of each `sub` quantized values (for the min terms).
 void quantize_activations(const float* x, int64_t count, int block, int sub, int8_t* xq, float* dx, int16_t* bsum) {
@@ -794,7 +967,10 @@ torch::Tensor ggml_gemm(torch::Tensor x, torch::Tensor w, int64_t type, bool int
       at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
         if (int8_activations) {
           if constexpr (SUPER) {
-            simd ? rows_int8_k<B, true>(o, n0, n1, m0, mt) : rows_int8_k<B, false>(o, n0, n1, m0, mt);
+#if defined(__AVX2__)
+            if (simd) return rows_k_avx2<B>(o, n0, n1, m0, mt);
+#endif
+            rows_int8_k<B, false>(o, n0, n1, m0, mt);
           } else {
 #if defined(__AVX2__)
             if (simd) return rows_int8_32_avx2<B>(o, n0, n1, m0, mt);
