@@ -145,7 +145,9 @@ struct Q4_0 {
   }
   static void scales(const uint8_t* b, float* s, float*) { s[0] = f16(b); }
 #if defined(__AVX2__)
-  static __m256i block_avx2(const uint8_t* b) { return _mm256_sub_epi8(nibbles32_avx2(b + 2), _mm256_set1_epi8(8)); }
+  static constexpr int OFFSET = 8;  // the stored value is q + 8 (b32_rows_avx2 takes it unsigned)
+  static __m256i unsigned_avx2(const uint8_t* b) { return nibbles32_avx2(b + 2); }
+  static __m256i block_avx2(const uint8_t* b) { return _mm256_sub_epi8(unsigned_avx2(b), _mm256_set1_epi8(8)); }
   static void quants_avx2(const uint8_t* b, int8_t* q) { store32(q, block_avx2(b)); }
 #endif
 };
@@ -163,6 +165,7 @@ struct Q4_1 {
     m[0] = -f16(b + 2);
   }
 #if defined(__AVX2__)
+  static constexpr int OFFSET = 0;
   static __m256i block_avx2(const uint8_t* b) { return nibbles32_avx2(b + 4); }
   static void quants_avx2(const uint8_t* b, int8_t* q) { store32(q, block_avx2(b)); }
 #endif
@@ -174,6 +177,7 @@ struct Q8_0 {
   static void quants(const uint8_t* b, int8_t* q) { std::memcpy(q, b + 2, 32); }
   static void scales(const uint8_t* b, float* s, float*) { s[0] = f16(b); }
 #if defined(__AVX2__)
+  static constexpr int OFFSET = 0;
   static __m256i block_avx2(const uint8_t* b) { return load32(b + 2); }
   static void quants_avx2(const uint8_t* b, int8_t* q) { std::memcpy(q, b + 2, 32); }
 #endif
@@ -190,10 +194,11 @@ struct Q5_0 {
   }
   static void scales(const uint8_t* b, float* s, float*) { s[0] = f16(b); }
 #if defined(__AVX2__)
-  static __m256i block_avx2(const uint8_t* b) {
-    const __m256i high = _mm256_and_si256(bits32_avx2(b + 2), _mm256_set1_epi8(16));
-    return _mm256_sub_epi8(_mm256_or_si256(nibbles32_avx2(b + 6), high), _mm256_set1_epi8(16));
+  static constexpr int OFFSET = 16;
+  static __m256i unsigned_avx2(const uint8_t* b) {
+    return _mm256_or_si256(nibbles32_avx2(b + 6), _mm256_and_si256(bits32_avx2(b + 2), _mm256_set1_epi8(16)));
   }
+  static __m256i block_avx2(const uint8_t* b) { return _mm256_sub_epi8(unsigned_avx2(b), _mm256_set1_epi8(16)); }
   static void quants_avx2(const uint8_t* b, int8_t* q) { store32(q, block_avx2(b)); }
 #endif
 };
@@ -212,6 +217,7 @@ struct Q5_1 {
     m[0] = -f16(b + 2);
   }
 #if defined(__AVX2__)
+  static constexpr int OFFSET = 0;
   static __m256i block_avx2(const uint8_t* b) {
     return _mm256_or_si256(nibbles32_avx2(b + 8), _mm256_and_si256(bits32_avx2(b + 4), _mm256_set1_epi8(16)));
   }
@@ -229,6 +235,7 @@ struct IQ4_NL {
   }
   static void scales(const uint8_t* b, float* s, float*) { s[0] = f16(b); }
 #if defined(__AVX2__)
+  static constexpr int OFFSET = 0;
   static __m256i block_avx2(const uint8_t* b) { return _mm256_shuffle_epi8(kvalues_avx2(), nibbles32_avx2(b + 2)); }
   static void quants_avx2(const uint8_t* b, int8_t* q) { store32(q, block_avx2(b)); }
 #endif
@@ -631,51 +638,88 @@ void rows_int8_portable(const Operands& o, int64_t n0, int64_t n1, int64_t m0, i
 }
 
 #if defined(__AVX2__)
-// Blocks of 32 with AVX2: rows in groups of up to 8 whose accumulators stay in registers for the
-// whole weight row; each block is decoded in registers once per group (no store and reload).
+inline int16_t half_bits(const uint8_t* p) {
+  int16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
+// Blocks of 32 with AVX2, four blocks a step for R activation rows: the four blocks' integer sums
+// fold into one vector (lanes i and i + 4 hold block i's two halves), converted once and scaled by
+// the four blocks' d_w dx at once, so the float work per block is a quarter of a block-at-a-time
+// loop and no block waits on the previous one's multiply-add. Each block is decoded once for the
+// R rows. Types with a min add m (sum of the rounded activations) the same way, four at a time.
+template <typename B, int R>
+void b32_rows_avx2(const Operands& o, int64_t n, int64_t row0) {
+  constexpr bool SIGNED = !B::MIN && B::OFFSET == 0;
+  const int64_t blocks = o.K / 32;
+  const uint8_t* w = o.w + n * blocks * B::BYTES;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[R];
+  float tail[R] = {};
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  int64_t blk = 0;
+  for (; blk + 4 <= blocks; blk += 4) {
+    const uint8_t* b = w + blk * B::BYTES;
+    constexpr int S = B::BYTES;
+    const __m128 ws = _mm_cvtph_ps(_mm_setr_epi16(half_bits(b), half_bits(b + S), half_bits(b + 2 * S), half_bits(b + 3 * S), 0, 0, 0, 0));
+    [[maybe_unused]] __m256 wm;
+    if constexpr (B::MIN) {
+      wm = _mm256_zextps128_ps256(_mm_cvtph_ps(
+          _mm_setr_epi16(half_bits(b + 2), half_bits(b + S + 2), half_bits(b + 2 * S + 2), half_bits(b + 3 * S + 2), 0, 0, 0, 0)));
+    }
+    __m256i q[4];
+    for (int i = 0; i < 4; ++i) {
+      if constexpr (B::OFFSET) q[i] = B::unsigned_avx2(b + i * S);
+      else q[i] = B::block_avx2(b + i * S);
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = row0 + r;
+      const int8_t* x = o.xq + row * o.K + blk * 32;
+      __m256i p[4];
+      for (int i = 0; i < 4; ++i) {
+        __m256i a = load32(reinterpret_cast<const uint8_t*>(x + 32 * i));
+        // maddubs multiplies unsigned by signed bytes: types with a min or an offset take q >= 0;
+        // the others give |q| and move q's sign onto the activation.
+        if constexpr (SIGNED) a = _mm256_sign_epi8(a, q[i]);
+        p[i] = _mm256_madd_epi16(_mm256_maddubs_epi16(SIGNED ? _mm256_sign_epi8(q[i], q[i]) : q[i], a), ones);
+      }
+      __m256i sums = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+      if constexpr (B::OFFSET) {  // (q + OFFSET) . x - OFFSET sum(x), exact in int32
+        const __m128i bsum = _mm_cvtepi16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(o.bsum + row * blocks + blk)));
+        sums = _mm256_sub_epi32(sums, _mm256_zextsi128_si256(_mm_mullo_epi32(bsum, _mm_set1_epi32(B::OFFSET))));
+      }
+      const __m128 scale = _mm_mul_ps(ws, _mm_loadu_ps(o.dx + row * blocks + blk));
+      acc[r] = _mm256_fmadd_ps(_mm256_set_m128(scale, scale), _mm256_cvtepi32_ps(sums), acc[r]);
+      if constexpr (B::MIN) acc[r] = _mm256_fmadd_ps(wm, _mm256_zextps128_ps256(_mm_loadu_ps(o.xsum + row * blocks + blk)), acc[r]);
+    }
+  }
+  for (; blk < blocks; ++blk) {  // the last K/32 mod 4 blocks, one at a time
+    const uint8_t* b = w + blk * B::BYTES;
+    const __m256i q = B::block_avx2(b);
+    float s[1], m[1];
+    B::scales(b, s, m);
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = row0 + r;
+      __m256i a = load32(reinterpret_cast<const uint8_t*>(o.xq + row * o.K + blk * 32));
+      if constexpr (!B::MIN) a = _mm256_sign_epi8(a, q);
+      const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(B::MIN ? q : _mm256_sign_epi8(q, q), a), ones);
+      tail[r] += s[0] * o.dx[row * blocks + blk] * hsum(_mm256_cvtepi32_ps(p));
+      if constexpr (B::MIN) tail[r] -= m[0] * o.xsum[row * blocks + blk];
+    }
+  }
+  for (int r = 0; r < R; ++r) o.y[(row0 + r) * o.N + n] = hsum(acc[r]) + tail[r];
+}
+
 template <typename B>
 void rows_int8_32_avx2(const Operands& o, int64_t n0, int64_t n1, int64_t m0, int64_t mt) {
-  const int64_t blocks = o.K / 32;
-  const __m256i ones = _mm256_set1_epi16(1);
-  const auto group = [&](auto count, int64_t n, int64_t t0) {
-    constexpr int R = decltype(count)::value;
-    __m256 acc[R];
-    float minus[R] = {};
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-    const uint8_t* row = o.w + n * blocks * B::BYTES;
-    for (int64_t blk = 0; blk < blocks; ++blk) {
-      const uint8_t* b = row + blk * B::BYTES;
-      const __m256i w = B::block_avx2(b);
-      const __m256i w_abs = B::MIN ? w : _mm256_sign_epi8(w, w);
-      float s[1], m[1];
-      B::scales(b, s, m);
-      for (int r = 0; r < R; ++r) {
-        const int64_t x_row = m0 + t0 + r;
-        __m256i a = load32(reinterpret_cast<const uint8_t*>(o.xq + x_row * o.K + blk * 32));
-        if constexpr (!B::MIN) a = _mm256_sign_epi8(a, w);
-        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, a), ones));
-        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(s[0] * o.dx[x_row * blocks + blk]), dot, acc[r]);
-        if constexpr (B::MIN) minus[r] += m[0] * o.xsum[x_row * blocks + blk];
-      }
-    }
-    for (int r = 0; r < R; ++r) o.y[(m0 + t0 + r) * o.N + n] = hsum(acc[r]) - minus[r];
-  };
-  // Groups of 8, then 4, 2, 1: eight accumulators, the block and |block| fit the 16 registers.
   for (int64_t n = n0; n < n1; ++n) {
-    for (int64_t t0 = 0; t0 < mt;) {
-      const int64_t rest = mt - t0;
-      if (rest >= 8) {
-        group(std::integral_constant<int, 8>{}, n, t0);
-        t0 += 8;
-      } else if (rest >= 4) {
-        group(std::integral_constant<int, 4>{}, n, t0);
-        t0 += 4;
-      } else if (rest >= 2) {
-        group(std::integral_constant<int, 2>{}, n, t0);
-        t0 += 2;
-      } else {
-        group(std::integral_constant<int, 1>{}, n, t0);
-        t0 += 1;
+    for (int64_t t0 = 0; t0 < mt; t0 += 4) {
+      switch (std::min<int64_t>(4, mt - t0)) {
+        case 1: b32_rows_avx2<B, 1>(o, n, m0 + t0); break;
+        case 2: b32_rows_avx2<B, 2>(o, n, m0 + t0); break;
+        case 3: b32_rows_avx2<B, 3>(o, n, m0 + t0); break;
+        default: b32_rows_avx2<B, 4>(o, n, m0 + t0); break;
       }
     }
   }
@@ -902,16 +946,47 @@ void rows_k_avx2(const Operands& o, int64_t n0, int64_t n1, int64_t m0, int64_t 
 }
 #endif
 
-// x fp32 [M, K] -> int8 [M, K] and one scale per `block` (amax / 127, round to nearest even), and
-// the integer sums of each `sub` quantized values (for the min terms).
+#if defined(__AVX2__)
+// quantize_block with AVX2 (blocks of a multiple of 32), the same values: cvtps rounds half to
+// even under the default rounding mode, as nearbyint does.
+inline float quantize_block_avx2(const float* v, int block, int8_t* out) {
+  __m256 mx = _mm256_setzero_ps();
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (int i = 0; i < block; i += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + i)));
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  const float amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+  const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+  const __m256 scale = _mm256_set1_ps(inv);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the packs' lane interleave
+  for (int i = 0; i < block; i += 32) {
+    __m256i q[4];
+    for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + i + 8 * j), scale));
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    store32(out + i, _mm256_permutevar8x32_epi32(bytes, order));
+  }
+  return d;
+}
+#endif
+
+// One block of activations to int8: scale amax / 127, x * (1 / scale) rounded half to even.
+inline float quantize_block(const float* v, int block, int8_t* out) {
+  float amax = 0.f;
+  for (int i = 0; i < block; ++i) amax = std::max(amax, std::abs(v[i]));
+  const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+  for (int i = 0; i < block; ++i) out[i] = static_cast<int8_t>(std::nearbyint(v[i] * inv));
+  return d;
+}
+
+// x fp32 [M, K] -> int8 [M, K] and one scale per `block` (32 or 256), and the integer sums of each
+// `sub` quantized values (for the min terms).
 void quantize_activations(const float* x, int64_t count, int block, int sub, int8_t* xq, float* dx, int16_t* bsum) {
   for (int64_t c = 0; c < count / block; ++c) {
-    const float* v = x + c * block;
-    float amax = 0.f;
-    for (int i = 0; i < block; ++i) amax = std::max(amax, std::abs(v[i]));
-    const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
-    for (int i = 0; i < block; ++i) xq[c * block + i] = static_cast<int8_t>(std::nearbyint(v[i] * inv));
-    dx[c] = d;
+#if defined(__AVX2__)
+    dx[c] = quantize_block_avx2(x + c * block, block, xq + c * block);
+#else
+    dx[c] = quantize_block(x + c * block, block, xq + c * block);
+#endif
   }
   for (int64_t j = 0; j < count / sub; ++j) {
     int32_t total = 0;
