@@ -1016,24 +1016,33 @@ torch::Tensor ggml_gemm(torch::Tensor x, torch::Tensor w, int64_t type, bool int
     Operands o{w.data_ptr<uint8_t>(), xf.data_ptr<float>(), nullptr, nullptr, nullptr, nullptr, y.data_ptr<float>(), M, N, K};
     // Activations are quantized per block of the weight type: 32, or 256 for super-blocks.
     constexpr bool SUPER = B::QK == 256;
-    torch::Tensor xsum, xq, dx, bsum;
+    // Buffers reused across calls (a decode step makes ~100 of these calls, each small), kept at
+    // the largest size seen; thread-local, so concurrent callers never share them.
+    thread_local std::vector<int8_t> xq;
+    thread_local std::vector<float> dx, xsum_int8;
+    thread_local std::vector<int16_t> bsum;
+    torch::Tensor xsum;
     if (int8_activations) {
-      xq = torch::empty({M, K}, torch::kInt8);
-      dx = torch::empty({M, K / B::QK}, torch::kFloat);
-      bsum = torch::empty({M, K / B::SUB}, torch::kShort);
-      quantize_activations(o.x, M * K, B::QK, B::SUB, xq.data_ptr<int8_t>(), dx.data_ptr<float>(), bsum.data_ptr<int16_t>());
-      o.xq = xq.data_ptr<int8_t>();
-      o.dx = dx.data_ptr<float>();
-      o.bsum = bsum.data_ptr<int16_t>();
+      xq.resize(M * K);
+      dx.resize(M * K / B::QK);
+      bsum.resize(M * K / B::SUB);
+      quantize_activations(o.x, M * K, B::QK, B::SUB, xq.data(), dx.data(), bsum.data());
+      o.xq = xq.data();
+      o.dx = dx.data();
+      o.bsum = bsum.data();
     }
     if (B::MIN && !(SUPER && int8_activations)) {
       // The min term sums the activations the dot products see: with the quantized ones, the
       // result is exactly W . x_hat (as llama.cpp's Q8_1 sums do), whose error is bounded by |W|
       // rather than by |s q|, which for affine types can be several times larger.
-      xsum = int8_activations ? bsum.to(torch::kFloat) * dx  // blocks of 32: one sum per scale
-                              : xf.view({M, K / B::SUB, B::SUB}).sum(-1);
-      xsum = xsum.contiguous();
-      o.xsum = xsum.data_ptr<float>();
+      if (int8_activations) {  // blocks of 32: one sum per scale
+        xsum_int8.resize(bsum.size());
+        for (size_t i = 0; i < bsum.size(); ++i) xsum_int8[i] = static_cast<float>(bsum[i]) * dx[i];
+        o.xsum = xsum_int8.data();
+      } else {
+        xsum = xf.view({M, K / B::SUB, B::SUB}).sum(-1).contiguous();
+        o.xsum = xsum.data_ptr<float>();
+      }
     }
     const bool simd = HAS_AVX2 && !portable;
     for (int64_t m0 = 0; m0 < M; m0 += TILE) {
