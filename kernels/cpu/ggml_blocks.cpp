@@ -15,8 +15,11 @@
 // - 16-bit activations (the fast mode), llama.cpp's way: activations quantized to int8 per block
 //   of the weight type (32, or 256 for super-blocks as its Q8_K), integer dot products with AVX2
 //   maddubs, and for super-blocks the integer sub-block scales applied before anything is
-//   converted to float (rows_int8_k). Error: rounding each activation to 1/254 of its block's
-//   largest (the tests bound it exactly).
+//   converted to float. Error: rounding each activation to 1/254 of its block's largest (tests
+//   compare against that rounding emulated in torch). With AVX2 the file's bytes go straight into
+//   registers (b32_rows_avx2: four blocks of 32 a step; rows_k_avx2: a super-block's scales
+//   unpacked with SIMD, its 32-weight chunks decoded one by one): no block is written to memory
+//   and no sum leaves a register before the end of the row.
 //
 // Layouts (byte offsets in a block; h = f16, "q[e]" = value of element e):
 //   Q5_0   22 B: h d | u32 qh | u8 qs[16]            q[e] = (nib_e | bit_e(qh) << 4) - 16, s = d
@@ -726,132 +729,46 @@ void rows_int8_32_avx2(const Operands& o, int64_t n0, int64_t n1, int64_t m0, in
 }
 #endif
 
-// sum_j mn[j] bsum[j] over a super-block's 8 or 16 sub-blocks.
-template <int SUBS, bool SIMD>
-inline int32_t min_dot(const int16_t* mn, const int16_t* bsum) {
-#if defined(__AVX2__)
-  if constexpr (SIMD && SUBS == 8) {
-    __m128i p = _mm_madd_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn)),
-                               _mm_loadu_si128(reinterpret_cast<const __m128i*>(bsum)));
-    p = _mm_add_epi32(p, _mm_shuffle_epi32(p, 0x4E));
-    return _mm_cvtsi128_si32(_mm_add_epi32(p, _mm_shuffle_epi32(p, 0xB1)));
-  }
-  if constexpr (SIMD && SUBS == 16) {
-    const __m256i p = _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mn)),
-                                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bsum)));
-    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
-    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
-    return _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1)));
-  }
-#endif
-  int32_t total = 0;
-  for (int j = 0; j < SUBS; ++j) total += mn[j] * bsum[j];
-  return total;
-}
-
-// Super-block types (QK 256) with activations quantized per 256 (llama.cpp's Q8_K): the integer
-// sub-block scales multiply the integer dot products before anything is converted to float, so a
-// block costs one conversion and one multiply-add per activation row (the per-32 form above costs
-// eight of each), and batched rows mostly share the block's decode:
+// Super-block types (QK 256) with activations quantized per 256 (llama.cpp's Q8_K), portable
+// loops (the AVX2 form is rows_k_avx2): the integer sub-block scales multiply the integer dot
+// products before anything is converted to float, one conversion per block and activation row:
 //   y += d dx sum_j sc_j (q . xq)_j  -  dmin dx sum_j mn_j bsum_j      (bsum_j = sum of xq in j)
 // Integer ranges: |q| <= 127 and |xq| <= 127 keep maddubs' int16 pair sums below 32767; scales
 // |sc| <= 127 keep a block's int32 sums below 2^27.
-template <typename B, bool SIMD>
+template <typename B>
 void rows_int8_k(const Operands& o, int64_t n0, int64_t n1, int64_t m0, int64_t mt) {
-  constexpr int SUBS = B::QK / B::SUB, CHUNKS = B::QK / 32;
+  constexpr int SUBS = B::QK / B::SUB;
   const int64_t blocks = o.K / B::QK, row_bytes = blocks * B::BYTES;
-  alignas(32) int8_t q[B::QK];
+  int8_t q[B::QK];
   int16_t sc[SUBS], mn[SUBS];
   float acc[TILE];
-#if defined(__AVX2__)
-  alignas(32) float accv[TILE][8];
-  __m256i scale16[CHUNKS];
-#endif
   for (int64_t n = n0; n < n1; ++n) {
     std::fill(acc, acc + mt, 0.f);
-#if defined(__AVX2__)
-    if constexpr (SIMD) std::fill(&accv[0][0], &accv[0][0] + TILE * 8, 0.f);
-#endif
     for (int64_t blk = 0; blk < blocks; ++blk) {
       const uint8_t* b = o.w + n * row_bytes + blk * B::BYTES;
-      quants<B, SIMD>(b, q);
+      B::quants(b, q);
       float d = 0.f, dmin = 0.f;
       B::int_scales(b, sc, mn, d, dmin);
-#if defined(__AVX2__)
-      if constexpr (SIMD) {
-        for (int c = 0; c < CHUNKS; ++c) {
-          // int16 lanes 0-7 come from weights 0-15 of the chunk, lanes 8-15 from weights 16-31.
-          scale16[c] = B::SUB == 32 ? _mm256_set1_epi16(sc[c])
-                                    : _mm256_set_m128i(_mm_set1_epi16(sc[2 * c + 1]), _mm_set1_epi16(sc[2 * c]));
-        }
-      }
-#endif
-#if defined(__AVX2__)
-      if constexpr (SIMD) {
-        // Rows in groups of up to RT: each chunk of weights and its scales are loaded once per
-        // group, and the group's sums stay in registers.
-        constexpr int RT = 4;
-        for (int64_t t0 = 0; t0 < mt; t0 += RT) {
-          const int64_t rows = std::min<int64_t>(RT, mt - t0);
-          const auto group = [&](auto count) {
-            constexpr int R = decltype(count)::value;
-            __m256i isum[R];
-            for (int r = 0; r < R; ++r) isum[r] = _mm256_setzero_si256();
-            for (int c = 0; c < CHUNKS; ++c) {
-              const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(q + 32 * c));
-              const __m256i w_abs = B::MIN ? w : _mm256_sign_epi8(w, w);
-              for (int r = 0; r < R; ++r) {
-                const int8_t* xq = o.xq + (m0 + t0 + r) * o.K + blk * B::QK + 32 * c;
-                __m256i a = load32(reinterpret_cast<const uint8_t*>(xq));
-                // maddubs multiplies unsigned by signed bytes: types with a min store q >= 0;
-                // the others give |q| and move q's sign onto the activation.
-                if constexpr (!B::MIN) a = _mm256_sign_epi8(a, w);
-                isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, a), scale16[c]));
-              }
-            }
-            for (int r = 0; r < R; ++r) {
-              const int64_t t = t0 + r;
-              const float dx = o.dx[(m0 + t) * blocks + blk];
-              const __m256 v = _mm256_load_ps(accv[t]);
-              _mm256_store_ps(accv[t], _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(isum[r]), v));
-            }
-          };
-          // A row count known at compile time keeps the group's sums in registers.
-          switch (rows) {
-            case 1: group(std::integral_constant<int, 1>{}); break;
-            case 2: group(std::integral_constant<int, 2>{}); break;
-            case 3: group(std::integral_constant<int, 3>{}); break;
-            default: group(std::integral_constant<int, 4>{}); break;
-          }
-        }
-      }
-#endif
       for (int64_t t = 0; t < mt; ++t) {
         const int64_t row = m0 + t;
         const int8_t* xq = o.xq + row * o.K + blk * B::QK;
         const float dx = o.dx[row * blocks + blk];
-        if constexpr (!SIMD) {
-          int32_t isum = 0;
-          for (int j = 0; j < SUBS; ++j) {
-            int32_t part = 0;
-            for (int i = 0; i < B::SUB; ++i) part += q[j * B::SUB + i] * xq[j * B::SUB + i];
-            isum += sc[j] * part;
-          }
-          acc[t] += d * dx * static_cast<float>(isum);
+        int32_t isum = 0;
+        for (int j = 0; j < SUBS; ++j) {
+          int32_t part = 0;
+          for (int i = 0; i < B::SUB; ++i) part += q[j * B::SUB + i] * xq[j * B::SUB + i];
+          isum += sc[j] * part;
         }
+        acc[t] += d * dx * static_cast<float>(isum);
         if constexpr (B::MIN) {
           const int16_t* bsum = o.bsum + row * (o.K / B::SUB) + blk * SUBS;
-          acc[t] -= dmin * dx * static_cast<float>(min_dot<SUBS, SIMD>(mn, bsum));
+          int32_t msum = 0;
+          for (int j = 0; j < SUBS; ++j) msum += mn[j] * bsum[j];
+          acc[t] -= dmin * dx * static_cast<float>(msum);
         }
       }
     }
-    for (int64_t t = 0; t < mt; ++t) {
-      float total = acc[t];
-#if defined(__AVX2__)
-      if constexpr (SIMD) total += hsum(_mm256_load_ps(accv[t]));
-#endif
-      o.y[(m0 + t) * o.N + n] = total;
-    }
+    for (int64_t t = 0; t < mt; ++t) o.y[(m0 + t) * o.N + n] = acc[t];
   }
 }
 
@@ -1054,7 +971,7 @@ torch::Tensor ggml_gemm(torch::Tensor x, torch::Tensor w, int64_t type, bool int
 #if defined(__AVX2__)
             if (simd) return rows_k_avx2<B>(o, n0, n1, m0, mt);
 #endif
-            rows_int8_k<B, false>(o, n0, n1, m0, mt);
+            rows_int8_k<B>(o, n0, n1, m0, mt);
           } else {
 #if defined(__AVX2__)
             if (simd) return rows_int8_32_avx2<B>(o, n0, n1, m0, mt);
