@@ -58,4 +58,3 @@ def int8_activations_ref(x: torch.Tensor, name: str) -> torch.Tensor:
     d = xb.abs().amax(-1, keepdim=True) / 127
     inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
     return (torch.round(xb * inv).double() * d.double()).reshape(x.shape)
-

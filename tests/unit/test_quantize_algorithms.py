@@ -196,7 +196,7 @@ def test_act_order_with_a_diagonal_hessian_is_rtn_in_that_column_order(weight):
 
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
 def test_weight_order_with_a_diagonal_hessian_is_rtn_in_the_original_groups(weight, symmetric):
-    """"weight" order visits columns by decreasing diagonal but keeps the original groups and their
+    """ "weight" order visits columns by decreasing diagonal but keeps the original groups and their
     grids: with nothing to propagate, every code is RTN's and no `perm` is stored."""
     diagonal = torch.rand(K_IN, generator=_gen(16), dtype=torch.float64) + 0.5
     qw = gptq_quantize(weight, torch.diag(diagonal), 32, symmetric=symmetric, act_order="weight")
