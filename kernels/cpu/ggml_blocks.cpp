@@ -197,7 +197,7 @@ struct Q5_0 {
   }
   static void scales(const uint8_t* b, float* s, float*) { s[0] = f16(b); }
 #if defined(__AVX2__)
-  static constexpr int OFFSET = 16;
+  static constexpr int OFFSET = 16;  // q + 16; offsets are powers of two (b32_rows_avx2 shifts)
   static __m256i unsigned_avx2(const uint8_t* b) {
     return _mm256_or_si256(nibbles32_avx2(b + 6), _mm256_and_si256(bits32_avx2(b + 2), _mm256_set1_epi8(16)));
   }
@@ -690,7 +690,7 @@ void b32_rows_avx2(const Operands& o, int64_t n, int64_t row0) {
       __m256i sums = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
       if constexpr (B::OFFSET) {  // (q + OFFSET) . x - OFFSET sum(x), exact in int32
         const __m128i bsum = _mm_cvtepi16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(o.bsum + row * blocks + blk)));
-        sums = _mm256_sub_epi32(sums, _mm256_zextsi128_si256(_mm_mullo_epi32(bsum, _mm_set1_epi32(B::OFFSET))));
+        sums = _mm256_sub_epi32(sums, _mm256_zextsi128_si256(_mm_slli_epi32(bsum, B::OFFSET == 8 ? 3 : 4)));
       }
       const __m128 scale = _mm_mul_ps(ws, _mm_loadu_ps(o.dx + row * blocks + blk));
       acc[r] = _mm256_fmadd_ps(_mm256_set_m128(scale, scale), _mm256_cvtepi32_ps(sums), acc[r]);
