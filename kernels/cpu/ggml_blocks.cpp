@@ -714,18 +714,25 @@ void b32_rows_avx2(const Operands& o, int64_t n, int64_t row0) {
   for (int r = 0; r < R; ++r) o.y[(row0 + r) * o.N + n] = hsum(acc[r]) + tail[r];
 }
 
-template <typename B>
-void rows_int8_32_avx2(const Operands& o, int64_t n0, int64_t n1, int64_t m0, int64_t mt) {
+// Weight rows n0..n1 against the tile's activation rows in groups of up to four: kernel(count, n,
+// row0) with the group size as a compile-time constant, so each size keeps its sums in registers.
+template <typename F>
+void row_groups(int64_t n0, int64_t n1, int64_t m0, int64_t mt, F&& kernel) {
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t t0 = 0; t0 < mt; t0 += 4) {
       switch (std::min<int64_t>(4, mt - t0)) {
-        case 1: b32_rows_avx2<B, 1>(o, n, m0 + t0); break;
-        case 2: b32_rows_avx2<B, 2>(o, n, m0 + t0); break;
-        case 3: b32_rows_avx2<B, 3>(o, n, m0 + t0); break;
-        default: b32_rows_avx2<B, 4>(o, n, m0 + t0); break;
+        case 1: kernel(std::integral_constant<int, 1>{}, n, m0 + t0); break;
+        case 2: kernel(std::integral_constant<int, 2>{}, n, m0 + t0); break;
+        case 3: kernel(std::integral_constant<int, 3>{}, n, m0 + t0); break;
+        default: kernel(std::integral_constant<int, 4>{}, n, m0 + t0); break;
       }
     }
   }
+}
+
+template <typename B>
+void rows_int8_32_avx2(const Operands& o, int64_t n0, int64_t n1, int64_t m0, int64_t mt) {
+  row_groups(n0, n1, m0, mt, [&](auto rows, int64_t n, int64_t row0) { b32_rows_avx2<B, decltype(rows)::value>(o, n, row0); });
 }
 #endif
 
@@ -850,16 +857,7 @@ void k_rows_avx2(const Operands& o, int64_t n, int64_t row0) {
 
 template <typename B>
 void rows_k_avx2(const Operands& o, int64_t n0, int64_t n1, int64_t m0, int64_t mt) {
-  for (int64_t n = n0; n < n1; ++n) {
-    for (int64_t t0 = 0; t0 < mt; t0 += 4) {
-      switch (std::min<int64_t>(4, mt - t0)) {
-        case 1: k_rows_avx2<B, 1>(o, n, m0 + t0); break;
-        case 2: k_rows_avx2<B, 2>(o, n, m0 + t0); break;
-        case 3: k_rows_avx2<B, 3>(o, n, m0 + t0); break;
-        default: k_rows_avx2<B, 4>(o, n, m0 + t0); break;
-      }
-    }
-  }
+  row_groups(n0, n1, m0, mt, [&](auto rows, int64_t n, int64_t row0) { k_rows_avx2<B, decltype(rows)::value>(o, n, row0); });
 }
 #endif
 
