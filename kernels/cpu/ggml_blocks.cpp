@@ -137,7 +137,8 @@ void float_scales(const uint8_t* b, float* s, float* m) {
 
 // Each type: QK weights per block of BYTES bytes, sub-blocks of SUB sharing a scale (and a min
 // if MIN); quants() writes the small integers (the portable form), scales() the fp32 scales and
-// mins, quants_avx2() the same integers with AVX2 (the compiled fast path).
+// mins; with AVX2, block_avx2() (blocks of 32) or prep_avx2() and chunk_avx2<C>() (super-blocks)
+// decode into registers.
 struct Q4_0 {
   static constexpr int QK = 32, SUB = 32, BYTES = 18;
   static constexpr bool MIN = false;
@@ -151,7 +152,6 @@ struct Q4_0 {
   static constexpr int OFFSET = 8;  // the stored value is q + 8 (b32_rows_avx2 takes it unsigned)
   static __m256i unsigned_avx2(const uint8_t* b) { return nibbles32_avx2(b + 2); }
   static __m256i block_avx2(const uint8_t* b) { return _mm256_sub_epi8(unsigned_avx2(b), _mm256_set1_epi8(8)); }
-  static void quants_avx2(const uint8_t* b, int8_t* q) { store32(q, block_avx2(b)); }
 #endif
 };
 
@@ -170,7 +170,6 @@ struct Q4_1 {
 #if defined(__AVX2__)
   static constexpr int OFFSET = 0;
   static __m256i block_avx2(const uint8_t* b) { return nibbles32_avx2(b + 4); }
-  static void quants_avx2(const uint8_t* b, int8_t* q) { store32(q, block_avx2(b)); }
 #endif
 };
 
@@ -182,7 +181,6 @@ struct Q8_0 {
 #if defined(__AVX2__)
   static constexpr int OFFSET = 0;
   static __m256i block_avx2(const uint8_t* b) { return load32(b + 2); }
-  static void quants_avx2(const uint8_t* b, int8_t* q) { std::memcpy(q, b + 2, 32); }
 #endif
 };
 
@@ -202,7 +200,6 @@ struct Q5_0 {
     return _mm256_or_si256(nibbles32_avx2(b + 6), _mm256_and_si256(bits32_avx2(b + 2), _mm256_set1_epi8(16)));
   }
   static __m256i block_avx2(const uint8_t* b) { return _mm256_sub_epi8(unsigned_avx2(b), _mm256_set1_epi8(16)); }
-  static void quants_avx2(const uint8_t* b, int8_t* q) { store32(q, block_avx2(b)); }
 #endif
 };
 
@@ -224,7 +221,6 @@ struct Q5_1 {
   static __m256i block_avx2(const uint8_t* b) {
     return _mm256_or_si256(nibbles32_avx2(b + 8), _mm256_and_si256(bits32_avx2(b + 4), _mm256_set1_epi8(16)));
   }
-  static void quants_avx2(const uint8_t* b, int8_t* q) { store32(q, block_avx2(b)); }
 #endif
 };
 
@@ -240,7 +236,6 @@ struct IQ4_NL {
 #if defined(__AVX2__)
   static constexpr int OFFSET = 0;
   static __m256i block_avx2(const uint8_t* b) { return _mm256_shuffle_epi8(kvalues_avx2(), nibbles32_avx2(b + 2)); }
-  static void quants_avx2(const uint8_t* b, int8_t* q) { store32(q, block_avx2(b)); }
 #endif
 };
 
@@ -263,14 +258,6 @@ struct Q2_K {
   }
   static void scales(const uint8_t* b, float* s, float* m) { float_scales<Q2_K>(b, s, m); }
 #if defined(__AVX2__)
-  static void quants_avx2(const uint8_t* b, int8_t* q) {
-    const __m256i three = _mm256_set1_epi8(3);
-    for (int h = 0; h < 2; ++h) {
-      const __m256i v = load32(b + 16 + 32 * h);
-      for (int j = 0; j < 4; ++j)
-        store32(q + 128 * h + 32 * j, _mm256_and_si256(_mm256_srli_epi16(v, 2 * j), three));
-    }
-  }
   // Register form (rows_k_avx2): chunk C's quants as unsigned bytes, scales and mins as int16.
   static constexpr int OFFSET = 0;
   static void prep_avx2(const uint8_t* b, __m256i& sc, __m256i& mn, float& d, float& dmin) {
@@ -311,18 +298,6 @@ struct Q3_K {
   }
   static void scales(const uint8_t* b, float* s, float* m) { float_scales<Q3_K>(b, s, m); }
 #if defined(__AVX2__)
-  static void quants_avx2(const uint8_t* b, int8_t* q) {
-    const __m256i three = _mm256_set1_epi8(3), four = _mm256_set1_epi8(4), hmask = load32(b);
-    for (int h = 0; h < 2; ++h) {
-      const __m256i v = load32(b + 32 + 32 * h);
-      for (int j = 0; j < 4; ++j) {
-        const __m256i bit = _mm256_set1_epi8(static_cast<char>(1 << (4 * h + j)));
-        const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(hmask, bit), bit);
-        const __m256i low = _mm256_and_si256(_mm256_srli_epi16(v, 2 * j), three);
-        store32(q + 128 * h + 32 * j, _mm256_sub_epi8(low, _mm256_andnot_si256(set, four)));
-      }
-    }
-  }
   // Register form: q + 4 (0..7, the high bit as 4), with the offset as a min of 4 sc (dmin = d).
   static constexpr int OFFSET = 4;
   static void prep_avx2(const uint8_t* b, __m256i& sc, __m256i& mn, float& d, float& dmin) {
@@ -379,21 +354,6 @@ struct KQuant45 {
   }
   static void scales(const uint8_t* b, float* s, float* m) { float_scales<KQuant45>(b, s, m); }
 #if defined(__AVX2__)
-  static void quants_avx2(const uint8_t* b, int8_t* q) {
-    const __m256i fifteen = _mm256_set1_epi8(15);
-    [[maybe_unused]] const __m256i qh = load32(b + 16), sixteen = _mm256_set1_epi8(16);
-    for (int c = 0; c < 4; ++c) {
-      const __m256i v = load32(b + (FIVE ? 48 : 16) + 32 * c);
-      __m256i lo = _mm256_and_si256(v, fifteen), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), fifteen);
-      if constexpr (FIVE) {
-        const __m256i b0 = _mm256_set1_epi8(static_cast<char>(1 << (2 * c))), b1 = _mm256_set1_epi8(static_cast<char>(2 << (2 * c)));
-        lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b0), b0), sixteen));
-        hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b1), b1), sixteen));
-      }
-      store32(q + 64 * c, lo);
-      store32(q + 64 * c + 32, hi);
-    }
-  }
   // Register form: scales in int16 lanes 0-7, mins in lanes 0-7 of mn (8-15 zero).
   static constexpr int OFFSET = 0;
   static void prep_avx2(const uint8_t* b, __m256i& sc, __m256i& mn, float& d, float& dmin) {
@@ -444,23 +404,6 @@ struct Q6_K {
   }
   static void scales(const uint8_t* b, float* s, float* m) { float_scales<Q6_K>(b, s, m); }
 #if defined(__AVX2__)
-  static void quants_avx2(const uint8_t* b, int8_t* q) {
-    const __m256i fifteen = _mm256_set1_epi8(15), hmask = _mm256_set1_epi8(0x30), bias = _mm256_set1_epi8(32);
-    for (int h = 0; h < 2; ++h) {
-      const __m256i a = load32(b + 64 * h), c = load32(b + 64 * h + 32), hi = load32(b + 128 + 32 * h);
-      // The two high bits of each element, moved to bits 4-5 (16-bit shifts: the and drops what
-      // crossed from the neighbouring byte).
-      const __m256i h0 = _mm256_and_si256(_mm256_slli_epi16(hi, 4), hmask);
-      const __m256i h1 = _mm256_and_si256(_mm256_slli_epi16(hi, 2), hmask);
-      const __m256i h2 = _mm256_and_si256(hi, hmask);
-      const __m256i h3 = _mm256_and_si256(_mm256_srli_epi16(hi, 2), hmask);
-      int8_t* o = q + 128 * h;
-      store32(o, _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(a, fifteen), h0), bias));
-      store32(o + 32, _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(c, fifteen), h1), bias));
-      store32(o + 64, _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), fifteen), h2), bias));
-      store32(o + 96, _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), fifteen), h3), bias));
-    }
-  }
   // Register form: q + 32 (0..63), with the offset as a min of 32 sc (dmin = d).
   static constexpr int OFFSET = 32;
   static void prep_avx2(const uint8_t* b, __m256i& sc, __m256i& mn, float& d, float& dmin) {
@@ -502,10 +445,6 @@ struct IQ4_XS {
   }
   static void scales(const uint8_t* b, float* s, float* m) { float_scales<IQ4_XS>(b, s, m); }
 #if defined(__AVX2__)
-  static void quants_avx2(const uint8_t* b, int8_t* q) {
-    const __m256i table = kvalues_avx2();
-    for (int j = 0; j < 8; ++j) store32(q + 32 * j, _mm256_shuffle_epi8(table, nibbles32_avx2(b + 8 + 16 * j)));
-  }
   // Register form: signed values (the kernel moves their sign onto the activations), no min.
   static constexpr int OFFSET = 0;
   static void prep_avx2(const uint8_t* b, __m256i& sc, __m256i& mn, float& d, float& dmin) {
@@ -551,10 +490,28 @@ void check_weights(const torch::Tensor& w, int64_t k) {
   TORCH_CHECK(k % B::QK == 0 && w.size(1) == k / B::QK * B::BYTES, "row of ", w.size(1), " bytes does not hold ", k, " weights");
 }
 
+// Compile-time loop: f(std::integral_constant<int, 0>{}) ... f(<N - 1>).
+template <int N, typename F, int... I>
+inline void unroll(F&& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, typename F>
+inline void unroll(F&& f) {
+  unroll<N>(f, std::make_integer_sequence<int, N>{});
+}
+
+// The block's small integers (B::quants' values) with AVX2 where SIMD: through the register
+// decoders the int8 GEMM uses (block_avx2, or chunk_avx2 less the offset it carries).
 template <typename B, bool SIMD>
 inline void quants(const uint8_t* b, int8_t* q) {
 #if defined(__AVX2__)
-  if constexpr (SIMD) return B::quants_avx2(b, q);
+  if constexpr (SIMD && B::QK == 32) return store32(q, B::block_avx2(b));
+  if constexpr (SIMD && B::QK == 256) {
+    return unroll<B::QK / 32>([&](auto c) {
+      constexpr int C = decltype(c)::value;
+      store32(q + 32 * C, _mm256_sub_epi8(B::template chunk_avx2<C>(b), _mm256_set1_epi8(B::OFFSET)));
+    });
+  }
 #endif
   B::quants(b, q);
 }
@@ -780,16 +737,6 @@ void rows_int8_k(const Operands& o, int64_t n0, int64_t n1, int64_t m0, int64_t 
 }
 
 #if defined(__AVX2__)
-// Compile-time loop: f(std::integral_constant<int, 0>{}) ... f(<N - 1>).
-template <int N, typename F, int... I>
-inline void unroll(F&& f, std::integer_sequence<int, I...>) {
-  (f(std::integral_constant<int, I>{}), ...);
-}
-template <int N, typename F>
-inline void unroll(F&& f) {
-  unroll<N>(f, std::make_integer_sequence<int, N>{});
-}
-
 // Chunk C's int16 scale lanes from the block's scales (prep_avx2): one scale for all 16 lanes
 // (sub-blocks of 32), or sub-block 2C's for lanes 0-7 and 2C+1's for lanes 8-15 (sub-blocks of 16;
 // maddubs' lane i sums weights 2i and 2i+1). `half` holds the right 128-bit half in both lanes.
